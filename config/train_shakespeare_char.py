@@ -1,0 +1,27 @@
+# The lecture's and nanoGPT's GPU recipe: a 10.65M-parameter character-level GPT on Tiny Shakespeare.
+# Reaches a val loss of about 1.47 in 5000 iterations (a few minutes on one modern GPU).
+
+out_dir = 'out-shakespeare-char'
+eval_interval = 250  # the model overfits this small dataset, so evaluate often
+eval_iters = 200
+log_interval = 10
+always_save_checkpoint = False  # save only when val improves
+
+dataset = 'shakespeare_char'
+gradient_accumulation_steps = 1
+batch_size = 64
+block_size = 256  # context of up to 256 previous characters
+
+n_layer = 6
+n_head = 6
+n_embd = 384
+dropout = 0.2
+
+learning_rate = 1e-3  # small networks can take a higher learning rate
+max_iters = 5000
+lr_decay_iters = 5000  # usually equal to max_iters
+min_lr = 1e-4  # learning_rate / 10
+beta2 = 0.99  # a little larger than GPT-2's 0.95 because there are few tokens per iteration
+warmup_iters = 100
+
+compile = True  # pays off on CUDA; set --compile=False on CPU or MPS if compilation is slow there

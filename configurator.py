@@ -1,0 +1,102 @@
+"""
+Command-line configuration in nanoGPT's style, without exec into the caller's globals:
+
+    python train.py config/train_shakespeare_char.py --batch_size=32 --device=cpu
+
+Each script declares its settings and defaults once, as a dataclass. `configure(Defaults, argv)`
+applies config files (Python files that assign settings) and then --key=value overrides, in order,
+and returns a new instance. Values are Python literals (`--lr=3e-4`, `--bias=True`,
+`--top_k=None`); anything that is not a literal is a string (`--device=cpu`).
+"""
+
+import ast
+import dataclasses
+import difflib
+import os
+import sys
+import types
+import typing
+
+
+class UserError(Exception):
+    """A problem with what the user asked for; the script's entry point prints it as one line."""
+    exit_code = 1
+
+
+class ConfigError(UserError):
+    exit_code = 2
+
+
+def configure(config_class, argv):
+    """Return config_class() updated by the config files and --key=value overrides in argv."""
+    fields = {f.name: f for f in dataclasses.fields(config_class)}
+    values = {}
+    for arg in argv:
+        if arg.startswith("--"):
+            key, sep, raw = arg[2:].partition("=")
+            if not sep:
+                raise ConfigError(f"'{arg}' has no value; write --{key}=VALUE")
+            _check_known(key, fields, f"'--{key}'")
+            values[key] = _coerce(key, _parse_literal(raw), fields[key].type, f"--{key}")
+        else:
+            for key, value in read_config_file(arg).items():
+                _check_known(key, fields, f"'{key}' in {arg}")
+                values[key] = _coerce(key, value, fields[key].type, arg)
+    return config_class(**values)
+
+
+def read_config_file(path):
+    """The settings a config file assigns, as a dict (modules, functions and _private names skipped)."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file '{path}' not found (arguments that are not --key=value name config files)")
+    with open(path, encoding="utf-8") as f:
+        source = f.read()
+    namespace = {}
+    try:
+        exec(compile(source, path, "exec"), namespace)
+    except Exception as e:
+        raise ConfigError(f"config file '{path}' failed to run: {type(e).__name__}: {e}") from e
+    return {k: v for k, v in namespace.items()
+            if not k.startswith("_") and not isinstance(v, (types.ModuleType, types.FunctionType, type))}
+
+
+def _check_known(key, fields, where):
+    if key not in fields:
+        close = difflib.get_close_matches(key, fields, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(fields)}"
+        raise ConfigError(f"unknown config key {where}{hint}")
+
+
+def _parse_literal(raw):
+    try:
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return raw  # a bare string such as cpu or out-shakespeare-char
+
+
+def _coerce(key, value, annotation, where):
+    """Check value against the field's type; an int is accepted where a float is expected."""
+    allowed = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else (annotation,)
+    for t in allowed:
+        if t is type(None) and value is None:
+            return None
+        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if t is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if t in (bool, str) and type(value) is t:
+            return value
+    names = " or ".join("None" if t is type(None) else t.__name__ for t in allowed)
+    raise ConfigError(f"{key} must be {names}, got {value!r} ({type(value).__name__}) from {where}")
+
+
+def run_main(main):
+    """Run main(sys.argv[1:]) as a script: a UserError becomes one line on stderr and a non-zero exit."""
+    try:
+        main(sys.argv[1:])
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

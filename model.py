@@ -1,0 +1,261 @@
+"""
+A GPT language model in one file, following Karpathy's "Let's build GPT" lecture and nanoGPT.
+
+Read it top to bottom: attention, MLP, the transformer block, then the GPT that stacks blocks,
+trains with cross-entropy and samples text (with a key/value cache, so each new token costs one
+position of compute rather than the whole context).
+
+Parameter names match nanoGPT's, so checkpoints move between the two projects.
+"""
+
+import inspect
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 256  # longest context the model sees
+    vocab_size: int = 65  # Tiny Shakespeare has 65 distinct characters
+    n_layer: int = 6
+    n_head: int = 6
+    n_embd: int = 384
+    dropout: float = 0.2
+    bias: bool = True  # bias in Linear and LayerNorm layers, as GPT-2
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
+                             f"pick n_embd as a multiple of n_head")
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+
+class KVCache:
+    """Keys and values of the positions seen so far, for every layer: (n_layer, B, nh, block_size, hs).
+
+    Generation prefills it with the prompt once, then adds one position per new token, so attention
+    for the new token reads the cached keys and values instead of recomputing the whole context.
+    """
+
+    def __init__(self, config):
+        self.config = config
+        self.k = self.v = None  # allocated on first use, in the dtype attention runs in
+        self.pos = 0  # number of positions filled; advanced by GPT.forward after all layers ran
+
+    def update(self, layer, k, v):
+        """Store k, v (B, nh, T, hs) for `layer` at the next T positions; return all keys and values so far."""
+        if self.k is None:
+            B, nh, _, hs = k.shape
+            shape = (self.config.n_layer, B, nh, self.config.block_size, hs)
+            self.k = torch.empty(shape, device=k.device, dtype=k.dtype)
+            self.v = torch.empty(shape, device=v.device, dtype=v.dtype)
+        end = self.pos + k.size(2)
+        self.k[layer, :, :, self.pos:end] = k
+        self.v[layer, :, :, self.pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        # queries, keys and values for all heads in one matmul
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        # Dropout sits on the residual output only: dropout on the attention weights would keep
+        # scaled_dot_product_attention off its fused (flash / memory-efficient) kernels.
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, kv_cache=None):
+        B, T, C = x.size()  # batch, time (sequence length), channels (n_embd)
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        # split channels into heads: (B, T, C) -> (B, nh, T, hs)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        if kv_cache is not None:
+            if kv_cache.pos > 0 and T > 1:
+                raise ValueError("a KV cache extends one token at a time after the prompt")
+            k, v = kv_cache.update(self.layer_idx, k, v)
+        # The causal (lower-triangular) mask lets position t attend to positions <= t only, so the
+        # model cannot peek at the token it is asked to predict. A single new token attends to all
+        # cached positions, which are all in its past, so it needs no mask.
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """Communication (attention) then computation (MLP), each on a residual path, pre-LayerNorm."""
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, kv_cache=None):
+        x = x + self.attn(self.ln_1(x), kv_cache)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embedding
+            wpe=nn.Embedding(config.block_size, config.n_embd),  # learned position embedding
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # Weight tying: the same matrix maps tokens to vectors and vectors back to token logits.
+        self.transformer.wte.weight = self.lm_head.weight
+
+        self.apply(self._init_weights)
+        # GPT-2: scale the projections that write into the residual stream by 1/sqrt(2 * n_layer),
+        # so the stream's variance does not grow with depth (two residual adds per layer).
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def get_num_params(self, non_embedding=True):
+        """Number of parameters; by default without the position embedding (the token embedding
+        counts, because it is also the output head)."""
+        n_params = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n_params -= self.transformer.wpe.weight.numel()
+        return n_params
+
+    def forward(self, idx, targets=None, kv_cache=None):
+        """idx (B, T) token ids -> logits (B, T, vocab_size) and the mean cross-entropy loss when
+        targets (B, T) are given; otherwise logits of the last position only, (B, 1, vocab_size)."""
+        B, T = idx.size()
+        start = 0 if kv_cache is None else kv_cache.pos
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of length {start + T} is longer than block_size={self.config.block_size}")
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
+
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        for block in self.transformer.h:
+            x = block(x, kv_cache)
+        if kv_cache is not None:
+            kv_cache.pos += T
+        x = self.transformer.ln_f(x)
+
+        if targets is not None:
+            logits = self.lm_head(x)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        else:
+            # only the last position's logits are needed to sample the next token
+            logits = self.lm_head(x[:, [-1], :])
+            loss = None
+        return logits, loss
+
+    def crop_block_size(self, block_size):
+        """Shrink the context length, e.g. to fine-tune a model with a shorter block_size."""
+        assert block_size <= self.config.block_size
+        self.config.block_size = block_size
+        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        """AdamW with weight decay on matrices (2+ dimensions) only; biases and LayerNorm gains are
+        not decayed. Fused into one kernel per step where this PyTorch supports it for the device."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        fused = device_type in fused_adamw_devices()
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
+
+    @torch.no_grad()
+    def generate_tokens(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True, generator=None):
+        """Yield max_new_tokens new tokens, each (B, 1), continuing the context idx (B, T).
+
+        temperature 0 picks the most likely token (greedy); top_k keeps only the k most likely.
+        With use_cache the prompt runs through the model once and each new token costs one position.
+        When the cache is full (block_size positions), it is refilled from the last half of the
+        context, so generation goes on past block_size with at least block_size // 2 of context.
+        Without the cache every step reruns the last block_size tokens, as nanoGPT does.
+        """
+        block_size = self.config.block_size
+        cache = None
+        for _ in range(max_new_tokens):
+            if not use_cache:
+                logits, _ = self(idx[:, -block_size:])
+            elif cache is None or cache.pos == block_size:
+                keep = block_size if cache is None else max(block_size // 2, 1)
+                cache = KVCache(self.config)
+                logits, _ = self(idx[:, -keep:], kv_cache=cache)
+            else:
+                logits, _ = self(idx[:, -1:], kv_cache=cache)
+            idx_next = sample_next(logits[:, -1, :], temperature, top_k, generator)
+            idx = torch.cat((idx, idx_next), dim=1)
+            yield idx_next
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True, generator=None):
+        """Return idx (B, T) extended by max_new_tokens sampled tokens: (B, T + max_new_tokens)."""
+        new = list(self.generate_tokens(idx, max_new_tokens, temperature, top_k, use_cache, generator))
+        return torch.cat([idx] + new, dim=1)
+
+
+def sample_next(logits, temperature=1.0, top_k=None, generator=None):
+    """Pick one token per row from logits (B, vocab_size) -> (B, 1)."""
+    if temperature == 0:
+        return torch.argmax(logits, dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+        logits[logits < v[:, [-1]]] = -float("inf")
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)
+
+
+def fused_adamw_devices():
+    """Device types with a fused AdamW kernel in this PyTorch (CPU since 2.4, CUDA, MPS ...)."""
+    if "fused" not in inspect.signature(torch.optim.AdamW).parameters:
+        return ()
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+        return tuple(_get_fused_kernels_supported_devices())
+    except ImportError:  # private helper moved: CUDA has had fused AdamW since 2.0
+        return ("cuda",)

@@ -1,0 +1,95 @@
+"""
+Sample text from a trained checkpoint.
+
+    python sample.py --out_dir=out-shakespeare-char --start="ROMEO:"
+    python sample.py --start=FILE:prompt.txt --num_samples=1 --max_new_tokens=2000
+"""
+
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from configurator import UserError, configure, run_main
+from prepare_shakespeare import CharTokenizer
+from train import CheckpointError, autocast_context, load_checkpoint, model_from_checkpoint, select_device, select_dtype
+
+
+@dataclass
+class SampleConfig:
+    out_dir: str = "out"
+    start: str = "\n"  # the prompt, or FILE:path to read it from a file
+    num_samples: int = 10
+    max_new_tokens: int = 500
+    temperature: float = 0.8  # 1.0 samples the model's distribution, < 1 is more conservative, 0 is greedy
+    top_k: int | None = 200  # keep only the top_k most likely characters (None: all)
+    seed: int = 1337
+    device: str = "auto"
+    dtype: str = "auto"
+    compile: bool = False
+    data_dir: str = "data"
+
+
+def load_model_and_tokenizer(cfg, device):
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    checkpoint = load_checkpoint(ckpt_path, device,
+                                 hint=f"; train a model first: python train.py config/train_shakespeare_char.py "
+                                      f"--out_dir={cfg.out_dir}")
+    model = model_from_checkpoint(checkpoint)
+    train_cfg = checkpoint.get("config", {})
+    meta_path = os.path.join(train_cfg.get("data_dir", cfg.data_dir), train_cfg.get("dataset", "shakespeare_char"),
+                             "meta.pkl")
+    if not os.path.exists(meta_path):
+        raise CheckpointError(f"{meta_path} (the vocabulary of the checkpoint's dataset) is missing; "
+                              f"prepare that dataset again with prepare_shakespeare.py")
+    tok = CharTokenizer.load(meta_path)
+    if tok.vocab_size != model.config.vocab_size:
+        raise CheckpointError(f"{meta_path} has {tok.vocab_size} characters but the checkpoint's model has "
+                              f"{model.config.vocab_size}; the dataset was re-prepared from another text")
+    return model, tok
+
+
+def read_start(start):
+    if start.startswith("FILE:"):
+        try:
+            with open(start[5:], encoding="utf-8") as f:
+                return f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"can't read the prompt file {start[5:]}: {e}") from None
+    return start
+
+
+def sample(cfg, out=sys.stdout):
+    """Print cfg.num_samples samples, separated by a line of dashes; one sample streams as it is made."""
+    device = select_device(cfg.device)
+    device_type = torch.device(device).type
+    ctx = autocast_context(device_type, select_dtype(cfg.dtype, device_type))
+    torch.manual_seed(cfg.seed)
+    model, tok = load_model_and_tokenizer(cfg, device)
+    model.eval().to(device)
+    if cfg.compile:
+        model.forward = torch.compile(model.forward, dynamic=True)  # generate() calls forward
+    prompt = read_start(cfg.start)
+    idx = torch.tensor([tok.encode(prompt)], dtype=torch.long, device=device)
+    for _ in range(cfg.num_samples):
+        with ctx:
+            if cfg.num_samples == 1:
+                out.write(prompt)
+                for token in model.generate_tokens(idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k):
+                    out.write(tok.decode(token[0].tolist()))
+                    out.flush()
+                out.write("\n")
+            else:
+                y = model.generate(idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k)
+                out.write(tok.decode(y[0].tolist()) + "\n")
+        out.write("---------------\n")
+        out.flush()
+
+
+def main(argv):
+    sample(configure(SampleConfig, argv))
+
+
+if __name__ == "__main__":
+    run_main(main)

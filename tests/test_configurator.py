@@ -1,0 +1,89 @@
+from dataclasses import dataclass
+
+import pytest
+
+from configurator import ConfigError, configure
+from conftest import REPO, run_script
+from train import TrainConfig
+
+
+@dataclass
+class Cfg:
+    out_dir: str = "out"
+    batch_size: int = 12
+    learning_rate: float = 1e-3
+    compile: bool = False
+    top_k: int | None = 200
+
+
+def test_defaults():
+    assert configure(Cfg, []) == Cfg()
+
+
+def test_overrides_parse_as_literals_and_bare_strings():
+    cfg = configure(Cfg, ["--batch_size=32", "--learning_rate=3e-4", "--compile=True", "--top_k=None",
+                          "--out_dir=out-shakespeare"])
+    assert cfg == Cfg(out_dir="out-shakespeare", batch_size=32, learning_rate=3e-4, compile=True, top_k=None)
+
+
+def test_int_accepted_for_float():
+    cfg = configure(Cfg, ["--learning_rate=1"])
+    assert cfg.learning_rate == 1.0 and isinstance(cfg.learning_rate, float)
+
+
+def test_value_may_contain_equals_sign():
+    assert configure(Cfg, ["--out_dir=runs/a=1,b=2"]).out_dir == "runs/a=1,b=2"
+
+
+def test_config_file_then_override(tmp_path):
+    path = tmp_path / "my_config.py"
+    path.write_text("import math\nbatch_size = 4\nlearning_rate = 2 * 1e-3\n_private = 3\n")
+    cfg = configure(Cfg, [str(path), "--batch_size=8"])
+    assert cfg.batch_size == 8 and cfg.learning_rate == 2e-3  # later arguments win
+
+
+def test_shipped_configs_load():
+    gpu = configure(TrainConfig, [f"{REPO}/config/train_shakespeare_char.py"])
+    assert (gpu.n_layer, gpu.n_head, gpu.n_embd, gpu.block_size, gpu.batch_size) == (6, 6, 384, 256, 64)
+    assert gpu.out_dir == "out-shakespeare-char" and gpu.max_iters == gpu.lr_decay_iters == 5000
+    cpu = configure(TrainConfig, [f"{REPO}/config/train_shakespeare_char_cpu.py"])
+    assert cpu.out_dir == "out-shakespeare-char-cpu"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch_sise=3"], "unknown config key '--batch_sise'; did you mean 'batch_size'"),
+    (["--batch_size=3.5"], "batch_size must be int, got 3.5"),
+    (["--batch_size=True"], "batch_size must be int"),
+    (["--compile=yes"], "compile must be bool, got 'yes'"),
+    (["--learning_rate=fast"], "learning_rate must be float"),
+    (["--top_k=1.5"], "top_k must be int or None"),
+    (["--out_dir=3"], "out_dir must be str, got 3"),
+    (["--batch_size"], "has no value"),
+    (["no_such_config.py"], "config file 'no_such_config.py' not found"),
+])
+def test_errors_name_the_problem(argv, message):
+    with pytest.raises(ConfigError) as e:
+        configure(Cfg, argv)
+    assert message in str(e.value)
+
+
+def test_unknown_key_in_config_file(tmp_path):
+    path = tmp_path / "bad.py"
+    path.write_text("learning_rat = 1e-3\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'learning_rat' in .*bad.py; did you mean 'learning_rate'"):
+        configure(Cfg, [str(path)])
+
+
+def test_broken_config_file(tmp_path):
+    path = tmp_path / "broken.py"
+    path.write_text("batch_size = = 3\n")
+    with pytest.raises(ConfigError, match="failed to run: SyntaxError"):
+        configure(Cfg, [str(path)])
+
+
+@pytest.mark.parametrize("script", ["train.py", "sample.py"])
+def test_scripts_exit_2_with_one_line(script):
+    r = run_script(script, "--n_layr=3" if script == "train.py" else "--temprature=1")
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: unknown config key")
+    assert "Traceback" not in r.stderr

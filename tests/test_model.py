@@ -1,0 +1,148 @@
+import math
+
+import pytest
+import torch
+
+from model import GPT, GPTConfig, KVCache, sample_next
+
+
+def tiny(**kw):
+    args = dict(block_size=16, vocab_size=11, n_layer=2, n_head=2, n_embd=16, dropout=0.0, bias=True)
+    args.update(kw)
+    torch.manual_seed(0)
+    return GPT(GPTConfig(**args))
+
+
+def test_output_shapes_and_loss():
+    model = tiny()
+    idx = torch.randint(0, 11, (3, 16))
+    logits, loss = model(idx, idx)
+    assert logits.shape == (3, 16, 11) and loss.shape == ()
+    logits, loss = model(idx)
+    assert logits.shape == (3, 1, 11) and loss is None  # only the last position without targets
+
+
+def test_loss_at_init_close_to_uniform():
+    model = tiny(vocab_size=65, n_embd=32)
+    g = torch.Generator().manual_seed(0)
+    idx, targets = torch.randint(0, 65, (2, 8, 16), generator=g)
+    _, loss = model(idx, targets)
+    assert abs(loss.item() - math.log(65)) < 0.1
+
+
+def test_causality():
+    model = tiny()
+    idx = torch.randint(0, 11, (1, 16), generator=torch.Generator().manual_seed(1))
+    changed = idx.clone()
+    t = 9
+    changed[0, t] = (idx[0, t] + 1) % 11
+    a, _ = model(idx, idx)
+    b, _ = model(changed, changed)
+    torch.testing.assert_close(a[:, :t], b[:, :t])  # the past does not see the future
+    assert not torch.allclose(a[:, t:], b[:, t:])  # ... and the change is visible from t on
+
+
+def test_default_shakespeare_config_has_10_65M_parameters():
+    model = GPT(GPTConfig(block_size=256, vocab_size=65, n_layer=6, n_head=6, n_embd=384, dropout=0.2, bias=False))
+    assert round(model.get_num_params() / 1e6, 2) == 10.65
+
+
+def test_state_dict_names_match_nanogpt():
+    keys = set(tiny(n_layer=1).state_dict())
+    for k in ["transformer.wte.weight", "transformer.wpe.weight", "transformer.h.0.ln_1.weight",
+              "transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_proj.weight",
+              "transformer.h.0.ln_2.weight", "transformer.h.0.mlp.c_fc.weight", "transformer.h.0.mlp.c_proj.weight",
+              "transformer.ln_f.weight", "lm_head.weight"]:
+        assert k in keys
+    model = tiny()
+    assert model.lm_head.weight is model.transformer.wte.weight  # tied
+
+
+def test_residual_projections_use_scaled_init():
+    model = GPT(GPTConfig(block_size=16, vocab_size=11, n_layer=8, n_head=4, n_embd=256))
+    std = model.transformer.h[0].mlp.c_proj.weight.std().item()
+    assert abs(std - 0.02 / math.sqrt(16)) < 0.001
+    assert abs(model.transformer.h[0].mlp.c_fc.weight.std().item() - 0.02) < 0.001
+
+
+def test_tiny_model_overfits_one_batch():
+    model = tiny()
+    idx = torch.randint(0, 11, (4, 16), generator=torch.Generator().manual_seed(2))
+    opt = model.configure_optimizers(0.0, 1e-2, (0.9, 0.99), "cpu")
+    for _ in range(150):
+        _, loss = model(idx[:, :-1], idx[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.1
+
+
+def test_weight_decay_only_on_matrices():
+    model = tiny()
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu")
+    decayed, plain = opt.param_groups
+    assert decayed["weight_decay"] == 0.1 and all(p.dim() >= 2 for p in decayed["params"])
+    assert plain["weight_decay"] == 0.0 and all(p.dim() < 2 for p in plain["params"])
+    assert opt.defaults["fused"] is True  # torch >= 2.4 has a fused AdamW for CPU
+
+
+def test_greedy_generation_is_deterministic_and_equals_top_k_1():
+    model = tiny().eval()
+    idx = torch.tensor([[1, 2, 3]])
+    a = model.generate(idx, 10, temperature=0)
+    b = model.generate(idx, 10, temperature=0)
+    torch.manual_seed(123)
+    c = model.generate(idx, 10, temperature=1.0, top_k=1)
+    assert a.shape == (1, 13) and torch.equal(a, b) and torch.equal(a, c)
+    assert torch.equal(a[:, :3], idx)
+
+
+@pytest.mark.parametrize("temperature, top_k", [(1.0, None), (0.7, 5), (1.3, 3), (0.0, None)])
+def test_kv_cache_generates_the_same_tokens(temperature, top_k):
+    model = tiny(block_size=32).eval()
+    idx = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    out = {}
+    for use_cache in (True, False):
+        torch.manual_seed(7)
+        out[use_cache] = model.generate(idx, 29, temperature, top_k, use_cache=use_cache)
+    assert torch.equal(out[True], out[False])
+
+
+def test_kv_cache_logits_match_full_forward():
+    model = tiny().eval()
+    idx = torch.randint(0, 11, (2, 16), generator=torch.Generator().manual_seed(3))
+    full, _ = model(idx, idx)
+    cache = KVCache(model.config)
+    step_logits = [model(idx[:, :5], kv_cache=cache)[0][:, -1]]
+    for t in range(5, 16):
+        step_logits.append(model(idx[:, t:t + 1], kv_cache=cache)[0][:, -1])
+    torch.testing.assert_close(torch.stack(step_logits, 1), full[:, 4:], rtol=1e-5, atol=1e-5)
+
+
+def test_generation_continues_past_block_size():
+    model = tiny(block_size=8).eval()
+    idx = torch.tensor([[1, 2]])
+    for use_cache in (True, False):
+        out = model.generate(idx, 30, temperature=0, use_cache=use_cache)
+        assert out.shape == (1, 32) and out.min() >= 0 and out.max() < 11
+    # within the first block both paths agree exactly
+    a = model.generate(idx, 6, temperature=0, use_cache=True)
+    b = model.generate(idx, 6, temperature=0, use_cache=False)
+    assert torch.equal(a, b)
+
+
+def test_sequence_longer_than_block_size_is_an_error():
+    with pytest.raises(ValueError, match="block_size"):
+        tiny(block_size=8)(torch.zeros(1, 9, dtype=torch.long))
+
+
+def test_config_rejects_bad_head_count():
+    with pytest.raises(ValueError, match="divisible"):
+        GPTConfig(n_embd=10, n_head=3)
+
+
+def test_sample_next_top_k_keeps_only_k_tokens():
+    logits = torch.tensor([[0.0, 5.0, 4.0, 1.0]])
+    g = torch.Generator().manual_seed(0)
+    picks = {sample_next(logits, 5.0, top_k=2, generator=g).item() for _ in range(200)}
+    assert picks == {1, 2}

@@ -1,0 +1,471 @@
+"""
+Train a character-level GPT.
+
+    python train.py config/train_shakespeare_char.py          # the GPU recipe
+    python train.py config/train_shakespeare_char_cpu.py      # about two minutes on a laptop CPU
+    torchrun --standalone --nproc_per_node=4 train.py config/train_shakespeare_char.py
+
+Any setting can be overridden with --key=value. This file is also the home of device and dtype
+selection, batching and checkpoint save/load, which sample.py and bench.py use.
+"""
+
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from configurator import ConfigError, UserError, configure, run_main
+from model import GPT, GPTConfig
+from prepare_shakespeare import DEFAULT_DATASET, CharTokenizer, prepare_dataset
+
+
+@dataclass
+class TrainConfig:
+    # I/O
+    out_dir: str = "out"
+    eval_interval: int = 250
+    log_interval: int = 10
+    eval_iters: int = 200
+    eval_only: bool = False  # evaluate the checkpoint in out_dir and exit
+    always_save_checkpoint: bool = False  # save at every eval, not only when val loss improves
+    init_from: str = "scratch"  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+    # data
+    dataset: str = DEFAULT_DATASET
+    data_dir: str = "data"
+    gradient_accumulation_steps: int = 1  # global count, divided across torchrun processes
+    batch_size: int = 64
+    block_size: int = 256
+    # model (the lecture's GPT)
+    n_layer: int = 6
+    n_head: int = 6
+    n_embd: int = 384
+    dropout: float = 0.2
+    bias: bool = False
+    # AdamW
+    learning_rate: float = 1e-3
+    max_iters: int = 5000
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0  # 0 disables clipping
+    # learning rate schedule: linear warmup, then cosine decay to min_lr
+    decay_lr: bool = True
+    warmup_iters: int = 100
+    lr_decay_iters: int = 5000
+    min_lr: float = 1e-4
+    max_seconds: float = 0.0  # > 0: stop after this much training time, the schedule laid over it
+    # system
+    backend: str = "auto"  # torch.distributed backend: 'auto' is nccl on CUDA, gloo elsewhere
+    device: str = "auto"  # 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'
+    dtype: str = "auto"  # 'auto', 'float32', 'bfloat16', 'float16'
+    compile: bool = False
+    seed: int = 1337
+
+
+MODEL_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout")
+
+
+# ----- device and precision (used by train.py, sample.py and bench.py)
+
+def select_device(device="auto"):
+    """'auto' is CUDA if there is a GPU, else Apple's MPS, else the CPU."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    kind = device.split(":")[0]
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={device} but this PyTorch sees no CUDA GPU; use --device=cpu or --device=auto")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device={device} but MPS is not available here; use --device=cpu or --device=auto")
+    if kind not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"unknown device '{device}'; use auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+def cpu_has_native_bf16():
+    """True on x86 CPUs with AVX512-BF16 or AMX, where bfloat16 matmuls beat float32 several times."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def select_dtype(dtype, device_type):
+    """'auto': bfloat16 on CUDA GPUs that support it (float16 on older ones) and on CPUs with native
+    bfloat16 instructions; float32 elsewhere (MPS, other CPUs)."""
+    if dtype == "auto":
+        if device_type == "cuda":
+            return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        if device_type == "cpu" and cpu_has_native_bf16():
+            return "bfloat16"
+        return "float32"
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"unknown dtype '{dtype}'; use auto, float32, bfloat16 or float16")
+    if dtype == "float16" and device_type == "cpu":
+        raise ConfigError("float16 autocast is for GPUs; on CPU use --dtype=bfloat16 or --dtype=float32")
+    return dtype
+
+
+def autocast_context(device_type, dtype):
+    """Mixed precision: weights stay float32, matmuls run in dtype."""
+    if dtype == "float32":
+        return nullcontext()
+    return torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))
+
+
+# ----- data
+
+def dataset_dir(cfg):
+    return os.path.join(cfg.data_dir, cfg.dataset)
+
+
+def ensure_dataset(cfg, verbose=True):
+    """Return the dataset's tokenizer; prepare Tiny Shakespeare if it is missing."""
+    ddir = dataset_dir(cfg)
+    needed = [os.path.join(ddir, name) for name in ("train.bin", "val.bin", "meta.pkl")]
+    if not all(os.path.exists(p) for p in needed):
+        if cfg.dataset != DEFAULT_DATASET:
+            raise UserError(f"dataset '{cfg.dataset}' is not prepared ({ddir} lacks train.bin, val.bin or meta.pkl); "
+                            f"run: python prepare_shakespeare.py --input YOUR_TEXT.txt --dataset {cfg.dataset}")
+        if verbose:
+            print(f"{ddir} is not prepared yet: preparing Tiny Shakespeare now")
+        prepare_dataset(cfg.dataset, data_dir=cfg.data_dir)
+    return CharTokenizer.load(os.path.join(ddir, "meta.pkl"))
+
+
+def get_batch(path, batch_size, block_size, rng, device):
+    """Random windows of block_size + 1 tokens from a uint16 token file: inputs x (B, T) and
+    targets y (B, T), y being x shifted left by one (each position predicts the next token)."""
+    # A fresh memmap per batch keeps memory flat: pages read are not pinned to the process.
+    data = np.memmap(path, dtype=np.uint16, mode="r")
+    if len(data) <= block_size:
+        raise UserError(f"{path} has {len(data)} tokens, not more than block_size={block_size}; "
+                        f"use a smaller --block_size or a longer text")
+    ix = rng.integers(0, len(data) - block_size, size=batch_size)
+    windows = torch.from_numpy(data[ix[:, None] + np.arange(block_size + 1)].astype(np.int64))  # one gather
+    if torch.device(device).type == "cuda":
+        windows = windows.pin_memory().to(device, non_blocking=True)
+    else:
+        windows = windows.to(device)
+    return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
+
+
+# ----- learning rate
+
+def get_lr(it, cfg):
+    """Linear warmup for warmup_iters, cosine decay to min_lr at lr_decay_iters, min_lr after.
+    `it` may be fractional (the time-budgeted schedule)."""
+    if not cfg.decay_lr:
+        return cfg.learning_rate
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)  # never 0, even at it=0
+    if it >= cfg.lr_decay_iters:
+        return cfg.min_lr
+    ratio = (it - cfg.warmup_iters) / (cfg.lr_decay_iters - cfg.warmup_iters)
+    coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))  # 1 -> 0
+    return cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)
+
+
+# ----- checkpoints (used by train.py, sample.py and bench.py)
+
+class CheckpointError(UserError):
+    pass
+
+
+def save_checkpoint(checkpoint, path):
+    """Write atomically: a temporary file in the same folder, fsync, then rename over path.
+    A crash at any moment leaves either the old checkpoint or the new one, never half of one."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise CheckpointError(f"could not write {path}: {e.strerror}; the previous checkpoint is untouched") from e
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path, device="cpu", hint=""):
+    if not os.path.exists(path):
+        raise CheckpointError(f"no checkpoint at {path}{hint}")
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}); "
+                              f"it may be truncated or from another program") from e
+    if not isinstance(checkpoint, dict) or not {"model", "model_args"} <= checkpoint.keys():
+        raise CheckpointError(f"{path} is not a checkpoint of this project or nanoGPT (no model or model_args)")
+    return checkpoint
+
+
+def model_from_checkpoint(checkpoint):
+    """Build the GPT a checkpoint describes and load its weights (compiled models' keys work too)."""
+    args = {k: v for k, v in checkpoint["model_args"].items() if k in GPTConfig.__dataclass_fields__}
+    model = GPT(GPTConfig(**args))
+    prefix = "_orig_mod."
+    state = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in checkpoint["model"].items()}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint weights do not fit its model_args: {str(e).splitlines()[0]}") from e
+    return model
+
+
+# ----- training
+
+def check_config(cfg):
+    for name in ("batch_size", "block_size", "max_iters", "n_layer", "n_head", "n_embd",
+                 "eval_iters", "eval_interval", "log_interval", "gradient_accumulation_steps"):
+        if getattr(cfg, name) <= 0:
+            raise ConfigError(f"{name} must be positive, got {getattr(cfg, name)}")
+    if cfg.n_embd % cfg.n_head:
+        raise ConfigError(f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}; "
+                          f"e.g. --n_embd={cfg.n_head * max(1, round(cfg.n_embd / cfg.n_head))}")
+    if not 0.0 <= cfg.dropout < 1.0:
+        raise ConfigError(f"dropout must be in [0, 1), got {cfg.dropout}")
+    if cfg.init_from not in ("scratch", "resume"):
+        raise ConfigError(f"init_from must be 'scratch' or 'resume', got '{cfg.init_from}'")
+    if cfg.decay_lr and cfg.lr_decay_iters <= cfg.warmup_iters:
+        raise ConfigError(f"lr_decay_iters={cfg.lr_decay_iters} must exceed warmup_iters={cfg.warmup_iters}")
+    if cfg.max_seconds < 0:
+        raise ConfigError(f"max_seconds must be >= 0 (0 means no time limit), got {cfg.max_seconds}")
+
+
+def setup_distributed(cfg):
+    """Under torchrun: join the process group. Returns (rank, local_rank, world_size)."""
+    if int(os.environ.get("RANK", -1)) == -1:
+        return 0, 0, 1
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    world_size = int(os.environ["WORLD_SIZE"])
+    backend = cfg.backend
+    if backend == "auto":
+        backend = "nccl" if select_device(cfg.device).startswith("cuda") else "gloo"
+    torch.distributed.init_process_group(backend=backend)
+    if cfg.gradient_accumulation_steps % world_size:
+        raise ConfigError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} must be a multiple "
+                          f"of the number of processes ({world_size})")
+    return rank, local_rank, world_size
+
+
+@torch.no_grad()
+def estimate_loss(model, cfg, device, ctx, rank=0, world_size=1):
+    """Mean loss over eval_iters batches per split. The batches are the same at every call (a
+    fixed seed), so evals along a run are comparable; under torchrun the ranks share the work."""
+    model.eval()
+    out = {}
+    for i, split in enumerate(("train", "val")):
+        rng = np.random.default_rng([cfg.seed, 1000 + i, rank])
+        n = max(1, cfg.eval_iters // world_size)
+        losses = torch.zeros(n, device=device)
+        for k in range(n):
+            x, y = get_batch(os.path.join(dataset_dir(cfg), f"{split}.bin"), cfg.batch_size, cfg.block_size, rng, device)
+            with ctx:
+                _, loss = model(x, y)
+            losses[k] = loss.float()
+        mean = losses.mean()
+        if world_size > 1:
+            torch.distributed.all_reduce(mean)
+            mean /= world_size
+        out[split] = mean.item()
+    model.train()
+    return out
+
+
+def train_step(model, optimizer, scaler, next_batch, accum_steps, ctx, grad_clip, lr):
+    """One optimizer step over accum_steps micro-batches; returns the mean loss as a tensor (no sync)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    total = 0.0
+    for micro in range(accum_steps):
+        x, y = next_batch()
+        # under DDP, all-reduce the gradients only once, on the last micro-step
+        sync = nullcontext() if micro == accum_steps - 1 or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            with ctx:
+                _, loss = model(x, y)
+            scaler.scale(loss / accum_steps).backward()
+        total = total + loss.detach()
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return total / accum_steps
+
+
+def ensure_writable(out_dir):
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        probe = os.path.join(out_dir, f".write_test{os.getpid()}")
+        with open(probe, "wb"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"can't write to out_dir '{out_dir}': {e.strerror}; pick another --out_dir") from None
+
+
+def train(cfg):
+    """Run the training recipe cfg describes; return the last evaluation's losses."""
+    check_config(cfg)
+    rank, local_rank, world_size = setup_distributed(cfg)
+    master = rank == 0
+    device = select_device(cfg.device)
+    if world_size > 1 and device.startswith("cuda"):
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    device_type = torch.device(device).type
+    dtype = select_dtype(cfg.dtype, device_type)
+    ctx = autocast_context(device_type, dtype)
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    if master:
+        ensure_writable(cfg.out_dir)
+
+    tok = ensure_dataset(cfg, verbose=master) if master else None
+    if world_size > 1:
+        torch.distributed.barrier()  # rank 0 may have just prepared the data
+    tok = tok or CharTokenizer.load(os.path.join(dataset_dir(cfg), "meta.pkl"))
+    val_tokens = os.path.getsize(os.path.join(dataset_dir(cfg), "val.bin")) // 2
+    if val_tokens <= cfg.block_size:
+        raise ConfigError(f"block_size={cfg.block_size} is not smaller than the val split ({val_tokens} tokens); "
+                          f"use a smaller --block_size or a longer text")
+
+    torch.manual_seed(cfg.seed + rank)
+    data_rng = np.random.default_rng([cfg.seed, rank])  # training batches; each rank draws its own
+    checkpoint = None
+    if cfg.init_from == "resume" or cfg.eval_only:
+        checkpoint = load_checkpoint(ckpt_path, device,
+                                     hint="; train one first, or use --init_from=scratch without --eval_only")
+        model = model_from_checkpoint(checkpoint)
+        if model.config.vocab_size != tok.vocab_size:
+            raise CheckpointError(f"{ckpt_path} has vocab_size {model.config.vocab_size} but dataset "
+                                  f"'{cfg.dataset}' has {tok.vocab_size}; use the dataset it was trained on")
+        for k in ("n_layer", "n_head", "n_embd", "block_size", "bias"):
+            setattr(cfg, k, getattr(model.config, k))  # the checkpoint's shape wins over the config
+    else:
+        args = {k: getattr(cfg, k) for k in MODEL_ARGS if k != "vocab_size"}
+        model = GPT(GPTConfig(vocab_size=tok.vocab_size, **args))
+    model.to(device)
+    raw_model = model
+
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type)
+    scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
+    iter_num, best_val_loss = 0, float("inf")
+    if checkpoint is not None and not cfg.eval_only:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
+        restore_rng(checkpoint.get("rng"), data_rng)
+        if "scaler" in checkpoint:
+            scaler.load_state_dict(checkpoint["scaler"])
+    checkpoint = None  # free its memory
+
+    if cfg.compile:
+        model = torch.compile(model)
+    if world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device_type == "cuda" else None)
+
+    accum = cfg.gradient_accumulation_steps // world_size
+    tokens_per_iter = accum * world_size * cfg.batch_size * cfg.block_size
+    if master:
+        print(f"parameters: {raw_model.get_num_params() / 1e6:.2f}M | tokens per iteration: {tokens_per_iter:,} | "
+              f"device: {device} | dtype: {dtype}" + (f" | processes: {world_size}" if world_size > 1 else ""))
+
+    if cfg.eval_only:
+        losses = estimate_loss(model, cfg, device, ctx, rank, world_size)
+        if master:
+            print(f"eval: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+        return losses
+
+    def save(losses):
+        save_checkpoint({
+            "model": raw_model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(),
+            "model_args": {k: getattr(raw_model.config, k) for k in MODEL_ARGS},
+            "iter_num": iter_num,
+            "best_val_loss": best_val_loss,
+            "val_loss": losses["val"],
+            "config": asdict(cfg),
+            "rng": capture_rng(data_rng),
+        }, ckpt_path)
+
+    train_path = os.path.join(dataset_dir(cfg), "train.bin")
+    next_batch = lambda: get_batch(train_path, cfg.batch_size, cfg.block_size, data_rng, device)
+    bar = tqdm(total=cfg.max_iters, initial=iter_num, disable=not master, unit="it", dynamic_ncols=True,
+               mininterval=0.5 if sys.stderr.isatty() else 30)  # a log file gets a line every 30 s
+    losses = None
+    train_seconds = 0.0  # time spent in training steps, excluding evals, for --max_seconds
+    window_start, window_iters = time.perf_counter(), 0
+    while True:
+        done = iter_num >= cfg.max_iters or (cfg.max_seconds > 0 and train_seconds >= cfg.max_seconds)
+        if iter_num % cfg.eval_interval == 0 or done:
+            losses = estimate_loss(model, cfg, device, ctx, rank, world_size)
+            if master:
+                bar.write(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+                improved = losses["val"] < best_val_loss
+                best_val_loss = min(best_val_loss, losses["val"])
+                if iter_num > 0 and (improved or cfg.always_save_checkpoint):
+                    save(losses)
+            window_start, window_iters = time.perf_counter(), 0  # eval time is not training time
+        if done:
+            break
+
+        t0 = time.perf_counter()
+        if cfg.max_seconds > 0:  # lay the schedule over the time budget instead of iterations
+            lr = get_lr(train_seconds / cfg.max_seconds * cfg.lr_decay_iters, cfg)
+        else:
+            lr = get_lr(iter_num, cfg)
+        loss = train_step(model, optimizer, scaler, next_batch, accum, ctx, cfg.grad_clip, lr)
+        iter_num += 1
+        window_iters += 1
+        bar.update(1)
+        if iter_num % cfg.log_interval == 0 or cfg.max_seconds > 0:
+            loss = loss.item()  # the only host-device sync in the loop, every log_interval steps
+            now = time.perf_counter()
+            tok_per_s = window_iters * tokens_per_iter / max(now - window_start, 1e-9)
+            window_start, window_iters = now, 0
+            bar.set_postfix_str(f"loss {loss:.4f}, lr {lr:.2e}, {tok_per_s:,.0f} tok/s")
+        train_seconds += time.perf_counter() - t0
+    bar.close()
+    if world_size > 1:
+        torch.distributed.destroy_process_group()
+    return losses
+
+
+def capture_rng(data_rng):
+    state = {"torch": torch.get_rng_state(), "data": data_rng.bit_generator.state}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state, data_rng):
+    if not state:
+        return  # a nanoGPT checkpoint: no RNG state to restore
+    torch.set_rng_state(state["torch"].cpu())
+    data_rng.bit_generator.state = state["data"]
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def main(argv):
+    train(configure(TrainConfig, argv))
+
+
+if __name__ == "__main__":
+    run_main(main)
