@@ -38,6 +38,17 @@ class GPTConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
 
+class Dropout(nn.Dropout):
+    """nn.Dropout, except that on CPU the mask comes from torch.rand: bernoulli_, which
+    nn.Dropout uses, is about 3x slower there and costs 10% of a training step."""
+
+    def forward(self, x):
+        if not self.training or self.p == 0.0 or x.device.type != "cpu":
+            return super().forward(x)
+        keep = (torch.rand(x.shape, device=x.device) >= self.p).to(x.dtype) * (1.0 / (1.0 - self.p))
+        return x * keep
+
+
 class KVCache:
     """Keys and values of the positions seen so far, for every layer: (n_layer, B, nh, block_size, hs).
 
@@ -75,7 +86,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         # Dropout sits on the residual output only: dropout on the attention weights would keep
         # scaled_dot_product_attention off its fused (flash / memory-efficient) kernels.
-        self.resid_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = Dropout(config.dropout)
 
     def forward(self, x, kv_cache=None):
         B, T, C = x.size()  # batch, time (sequence length), channels (n_embd)
@@ -91,9 +102,23 @@ class CausalSelfAttention(nn.Module):
         # The causal (lower-triangular) mask lets position t attend to positions <= t only, so the
         # model cannot peek at the token it is asked to predict. A single new token attends to all
         # cached positions, which are all in its past, so it needs no mask.
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+        if q.device.type == "cpu" and q.dtype == torch.bfloat16 and T > 1:
+            y = explicit_attention(q, k, v)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
         return self.resid_dropout(self.c_proj(y))
+
+
+def explicit_attention(q, k, v):
+    """Causal softmax(q k^T / sqrt(hs)) v written out, as in the lecture. For training on CPUs in
+    bfloat16 this runs about twice as fast as scaled_dot_product_attention's CPU kernel."""
+    T = q.size(-2)
+    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, T) affinities
+    # -inf above the diagonal: position t attends to 0..t only; adding it needs no backward work
+    mask = torch.full((T, T), float("-inf"), device=q.device, dtype=att.dtype).triu(1)
+    att = att + mask
+    return F.softmax(att, dim=-1) @ v  # (B, nh, T, hs)
 
 
 class MLP(nn.Module):
@@ -103,7 +128,7 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.gelu = nn.GELU()
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
 
     def forward(self, x):
         return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
@@ -133,7 +158,7 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embedding
             wpe=nn.Embedding(config.block_size, config.n_embd),  # learned position embedding
-            drop=nn.Dropout(config.dropout),
+            drop=Dropout(config.dropout),
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
@@ -195,15 +220,16 @@ class GPT(nn.Module):
         self.config.block_size = block_size
         self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, fused=None):
         """AdamW with weight decay on matrices (2+ dimensions) only; biases and LayerNorm gains are
-        not decayed. Fused into one kernel per step where this PyTorch supports it for the device."""
+        not decayed. fused=None fuses it into one kernel per step where this PyTorch supports that."""
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
-        fused = device_type in fused_adamw_devices()
+        if fused is None:
+            fused = device_type in fused_adamw_devices()
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
 
     @torch.no_grad()

@@ -9,8 +9,10 @@ Any setting can be overridden with --key=value. This file is also the home of de
 selection, batching and checkpoint save/load, which sample.py and bench.py use.
 """
 
+import csv
 import math
 import os
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -34,7 +36,7 @@ class TrainConfig:
     eval_iters: int = 200
     eval_only: bool = False  # evaluate the checkpoint in out_dir and exit
     always_save_checkpoint: bool = False  # save at every eval, not only when val loss improves
-    init_from: str = "scratch"  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+    init_from: str = "scratch"  # 'scratch', 'resume' (out_dir/ckpt.pt), or a checkpoint / out_dir to fine-tune
     # data
     dataset: str = DEFAULT_DATASET
     data_dir: str = "data"
@@ -144,21 +146,26 @@ def ensure_dataset(cfg, verbose=True):
     return CharTokenizer.load(os.path.join(ddir, "meta.pkl"))
 
 
-def get_batch(path, batch_size, block_size, rng, device):
-    """Random windows of block_size + 1 tokens from a uint16 token file: inputs x (B, T) and
-    targets y (B, T), y being x shifted left by one (each position predicts the next token)."""
+def read_windows(path, starts, block_size, device):
+    """Inputs x (B, T) and targets y (B, T) from the windows of block_size + 1 tokens at `starts`;
+    y is x shifted left by one: each position predicts the next token."""
     # A fresh memmap per batch keeps memory flat: pages read are not pinned to the process.
     data = np.memmap(path, dtype=np.uint16, mode="r")
-    if len(data) <= block_size:
-        raise UserError(f"{path} has {len(data)} tokens, not more than block_size={block_size}; "
-                        f"use a smaller --block_size or a longer text")
-    ix = rng.integers(0, len(data) - block_size, size=batch_size)
-    windows = torch.from_numpy(data[ix[:, None] + np.arange(block_size + 1)].astype(np.int64))  # one gather
+    windows = torch.from_numpy(data[starts[:, None] + np.arange(block_size + 1)].astype(np.int64))  # one gather
     if torch.device(device).type == "cuda":
         windows = windows.pin_memory().to(device, non_blocking=True)
     else:
         windows = windows.to(device)
     return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
+
+
+def get_batch(path, batch_size, block_size, rng, device):
+    """A batch of batch_size random windows from a uint16 token file."""
+    n_tokens = os.path.getsize(path) // 2
+    if n_tokens <= block_size:
+        raise UserError(f"{path} has {n_tokens} tokens, not more than block_size={block_size}; "
+                        f"use a smaller --block_size or a longer text")
+    return read_windows(path, rng.integers(0, n_tokens - block_size, size=batch_size), block_size, device)
 
 
 # ----- learning rate
@@ -238,8 +245,6 @@ def check_config(cfg):
                           f"e.g. --n_embd={cfg.n_head * max(1, round(cfg.n_embd / cfg.n_head))}")
     if not 0.0 <= cfg.dropout < 1.0:
         raise ConfigError(f"dropout must be in [0, 1), got {cfg.dropout}")
-    if cfg.init_from not in ("scratch", "resume"):
-        raise ConfigError(f"init_from must be 'scratch' or 'resume', got '{cfg.init_from}'")
     if cfg.decay_lr and cfg.lr_decay_iters <= cfg.warmup_iters:
         raise ConfigError(f"lr_decay_iters={cfg.lr_decay_iters} must exceed warmup_iters={cfg.warmup_iters}")
     if cfg.max_seconds < 0:
@@ -265,25 +270,44 @@ def setup_distributed(cfg):
 @torch.no_grad()
 def estimate_loss(model, cfg, device, ctx, rank=0, world_size=1):
     """Mean loss over eval_iters batches per split. The batches are the same at every call (a
-    fixed seed), so evals along a run are comparable; under torchrun the ranks share the work."""
+    fixed seed), so evals along a run are comparable; under torchrun the ranks share them out."""
     model.eval()
     out = {}
     for i, split in enumerate(("train", "val")):
-        rng = np.random.default_rng([cfg.seed, 1000 + i, rank])
-        n = max(1, cfg.eval_iters // world_size)
-        losses = torch.zeros(n, device=device)
-        for k in range(n):
-            x, y = get_batch(os.path.join(dataset_dir(cfg), f"{split}.bin"), cfg.batch_size, cfg.block_size, rng, device)
+        path = os.path.join(dataset_dir(cfg), f"{split}.bin")
+        n_tokens = os.path.getsize(path) // 2
+        rng = np.random.default_rng([cfg.seed, 1000 + i])
+        starts = rng.integers(0, n_tokens - cfg.block_size, size=(cfg.eval_iters, cfg.batch_size))
+        losses = torch.zeros(cfg.eval_iters, device=device)
+        for k in range(rank, cfg.eval_iters, world_size):
+            x, y = read_windows(path, starts[k], cfg.block_size, device)
             with ctx:
                 _, loss = model(x, y)
             losses[k] = loss.float()
-        mean = losses.mean()
         if world_size > 1:
-            torch.distributed.all_reduce(mean)
-            mean /= world_size
-        out[split] = mean.item()
+            torch.distributed.all_reduce(losses)  # each batch's loss was filled in by one rank
+        out[split] = losses.mean().item()
     model.train()
     return out
+
+
+@torch.no_grad()
+def evaluate_split(model, path, block_size, batch_size, device, ctx):
+    """Mean loss over the whole token file, read as consecutive non-overlapping windows."""
+    data = np.memmap(path, dtype=np.uint16, mode="r")
+    n_windows = (len(data) - 1) // block_size
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, n_windows, batch_size):
+        rows = np.arange(start, min(start + batch_size, n_windows))[:, None] * block_size
+        windows = torch.from_numpy(data[rows + np.arange(block_size + 1)].astype(np.int64)).to(device)
+        with ctx:
+            _, loss = model(windows[:, :-1], windows[:, 1:])
+        total += loss.item() * len(rows)
+        count += len(rows)
+    model.train(was_training)
+    return total / count
 
 
 def train_step(model, optimizer, scaler, next_batch, accum_steps, ctx, grad_clip, lr):
@@ -320,6 +344,82 @@ def ensure_writable(out_dir):
         raise UserError(f"can't write to out_dir '{out_dir}': {e.strerror}; pick another --out_dir") from None
 
 
+class Interrupted(UserError):
+    """Raised after SIGINT or SIGTERM, once the checkpoint is saved."""
+
+
+class StopSignals:
+    """Within this context SIGINT (Ctrl-C) and SIGTERM set .received instead of killing the process,
+    so the loop can finish its step and save; a second signal stops at once."""
+
+    def __init__(self):
+        self.received = None
+
+    def _handle(self, signum, frame):
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+
+    def __enter__(self):
+        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+class MetricsLog:
+    """Appends a row per log line and per eval to out_dir/metrics.csv, for plotting the run."""
+    COLUMNS = ["iter", "kind", "loss", "train_loss", "val_loss", "lr", "tokens", "elapsed_s"]
+
+    def __init__(self, path, resume_from=None):
+        self.path = path
+        rows = []
+        if resume_from is not None and os.path.exists(path):
+            with open(path, newline="") as f:  # keep what led up to the checkpoint, drop what came after
+                rows = [r for r in csv.DictReader(f) if int(r["iter"]) <= resume_from]
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, self.COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    def write(self, **row):
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, self.COLUMNS).writerow(row)
+
+
+def init_model(cfg, tok, device):
+    """The model to train and the checkpoint it came from (None when training from scratch)."""
+    if cfg.init_from == "scratch" and not cfg.eval_only:
+        args = {k: getattr(cfg, k) for k in MODEL_ARGS if k != "vocab_size"}
+        return GPT(GPTConfig(vocab_size=tok.vocab_size, **args)), None
+    if cfg.init_from in ("scratch", "resume"):  # eval_only evaluates the run's own checkpoint
+        path, hint = os.path.join(cfg.out_dir, "ckpt.pt"), "; train one first, or use --init_from=scratch"
+    else:  # fine-tuning: a checkpoint file or the out_dir that holds one
+        path = os.path.join(cfg.init_from, "ckpt.pt") if os.path.isdir(cfg.init_from) else cfg.init_from
+        hint = "; init_from takes 'scratch', 'resume', a ckpt.pt file or an out_dir holding one"
+    checkpoint = load_checkpoint(path, device, hint=hint)
+    model = model_from_checkpoint(checkpoint)
+    if model.config.vocab_size != tok.vocab_size:
+        raise CheckpointError(f"{path} has a vocabulary of {model.config.vocab_size} characters but dataset "
+                              f"'{cfg.dataset}' has {tok.vocab_size}; use a dataset with the checkpoint's vocabulary")
+    for k in ("n_layer", "n_head", "n_embd", "bias"):
+        setattr(cfg, k, getattr(model.config, k))  # the checkpoint's shape wins over the config
+    if cfg.init_from == "resume" or cfg.eval_only:
+        cfg.block_size = model.config.block_size
+    elif cfg.block_size < model.config.block_size:
+        model.crop_block_size(cfg.block_size)
+    elif cfg.block_size > model.config.block_size:
+        raise ConfigError(f"block_size={cfg.block_size} exceeds the checkpoint's {model.config.block_size}; "
+                          f"fine-tune with --block_size={model.config.block_size} or less")
+    model.config.dropout = cfg.dropout
+    for m in model.modules():  # fine-tuning may use another dropout than pretraining did
+        if isinstance(m, torch.nn.Dropout):
+            m.p = cfg.dropout
+    return model, checkpoint
+
+
 def train(cfg):
     """Run the training recipe cfg describes; return the last evaluation's losses."""
     check_config(cfg)
@@ -340,35 +440,23 @@ def train(cfg):
     if world_size > 1:
         torch.distributed.barrier()  # rank 0 may have just prepared the data
     tok = tok or CharTokenizer.load(os.path.join(dataset_dir(cfg), "meta.pkl"))
+
+    torch.manual_seed(cfg.seed + rank)  # dropout differs per rank
+    data_rng = np.random.default_rng(cfg.seed)  # the same on every rank: see next_step_batches
+    model, checkpoint = init_model(cfg, tok, device)
     val_tokens = os.path.getsize(os.path.join(dataset_dir(cfg), "val.bin")) // 2
     if val_tokens <= cfg.block_size:
         raise ConfigError(f"block_size={cfg.block_size} is not smaller than the val split ({val_tokens} tokens); "
                           f"use a smaller --block_size or a longer text")
-
-    torch.manual_seed(cfg.seed + rank)
-    data_rng = np.random.default_rng([cfg.seed, rank])  # training batches; each rank draws its own
-    checkpoint = None
-    if cfg.init_from == "resume" or cfg.eval_only:
-        checkpoint = load_checkpoint(ckpt_path, device,
-                                     hint="; train one first, or use --init_from=scratch without --eval_only")
-        model = model_from_checkpoint(checkpoint)
-        if model.config.vocab_size != tok.vocab_size:
-            raise CheckpointError(f"{ckpt_path} has vocab_size {model.config.vocab_size} but dataset "
-                                  f"'{cfg.dataset}' has {tok.vocab_size}; use the dataset it was trained on")
-        for k in ("n_layer", "n_head", "n_embd", "block_size", "bias"):
-            setattr(cfg, k, getattr(model.config, k))  # the checkpoint's shape wins over the config
-    else:
-        args = {k: getattr(cfg, k) for k in MODEL_ARGS if k != "vocab_size"}
-        model = GPT(GPTConfig(vocab_size=tok.vocab_size, **args))
     model.to(device)
     raw_model = model
 
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type)
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
     iter_num, best_val_loss = 0, float("inf")
-    if checkpoint is not None and not cfg.eval_only:
+    if cfg.init_from == "resume" and not cfg.eval_only:
         optimizer.load_state_dict(checkpoint["optimizer"])
-        iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
+        iter_num, best_val_loss = checkpoint["iter_num"], float(checkpoint["best_val_loss"])
         restore_rng(checkpoint.get("rng"), data_rng)
         if "scaler" in checkpoint:
             scaler.load_state_dict(checkpoint["scaler"])
@@ -380,7 +468,7 @@ def train(cfg):
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device_type == "cuda" else None)
 
     accum = cfg.gradient_accumulation_steps // world_size
-    tokens_per_iter = accum * world_size * cfg.batch_size * cfg.block_size
+    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
     if master:
         print(f"parameters: {raw_model.get_num_params() / 1e6:.2f}M | tokens per iteration: {tokens_per_iter:,} | "
               f"device: {device} | dtype: {dtype}" + (f" | processes: {world_size}" if world_size > 1 else ""))
@@ -391,7 +479,7 @@ def train(cfg):
             print(f"eval: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
         return losses
 
-    def save(losses):
+    def save(val_loss):
         save_checkpoint({
             "model": raw_model.state_dict(),
             "optimizer": optimizer.state_dict(),
@@ -399,52 +487,99 @@ def train(cfg):
             "model_args": {k: getattr(raw_model.config, k) for k in MODEL_ARGS},
             "iter_num": iter_num,
             "best_val_loss": best_val_loss,
-            "val_loss": losses["val"],
+            "val_loss": val_loss,
             "config": asdict(cfg),
             "rng": capture_rng(data_rng),
         }, ckpt_path)
 
     train_path = os.path.join(dataset_dir(cfg), "train.bin")
-    next_batch = lambda: get_batch(train_path, cfg.batch_size, cfg.block_size, data_rng, device)
+    n_train = os.path.getsize(train_path) // 2
+
+    def next_step_batches():
+        """This rank's micro-batches for one optimizer step. Every rank draws the whole global batch
+        from the shared generator and reads its own share, so N processes train on exactly the
+        batches one process would, and the generator's state is the same everywhere."""
+        starts = data_rng.integers(0, n_train - cfg.block_size, size=(world_size * accum, cfg.batch_size))
+        mine = iter(starts[rank * accum:(rank + 1) * accum])
+        return lambda: read_windows(train_path, next(mine), cfg.block_size, device)
+
+    metrics = MetricsLog(os.path.join(cfg.out_dir, "metrics.csv"),
+                         resume_from=iter_num if cfg.init_from == "resume" else None) if master else None
     bar = tqdm(total=cfg.max_iters, initial=iter_num, disable=not master, unit="it", dynamic_ncols=True,
                mininterval=0.5 if sys.stderr.isatty() else 30)  # a log file gets a line every 30 s
     losses = None
     train_seconds = 0.0  # time spent in training steps, excluding evals, for --max_seconds
     window_start, window_iters = time.perf_counter(), 0
-    while True:
-        done = iter_num >= cfg.max_iters or (cfg.max_seconds > 0 and train_seconds >= cfg.max_seconds)
-        if iter_num % cfg.eval_interval == 0 or done:
-            losses = estimate_loss(model, cfg, device, ctx, rank, world_size)
-            if master:
-                bar.write(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-                improved = losses["val"] < best_val_loss
-                best_val_loss = min(best_val_loss, losses["val"])
-                if iter_num > 0 and (improved or cfg.always_save_checkpoint):
-                    save(losses)
-            window_start, window_iters = time.perf_counter(), 0  # eval time is not training time
-        if done:
-            break
+    with StopSignals() as stop:
+        while True:
+            # Under torchrun the processes must agree on when to stop: they vote at log steps.
+            vote = world_size == 1 or iter_num % cfg.log_interval == 0
+            out_of_time = vote and any_process(cfg.max_seconds > 0 and train_seconds >= cfg.max_seconds,
+                                               world_size, device)
+            done = iter_num >= cfg.max_iters or out_of_time
+            if iter_num % cfg.eval_interval == 0 or done:
+                losses = estimate_loss(model, cfg, device, ctx, rank, world_size)
+                if master:
+                    bar.write(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+                    metrics.write(iter=iter_num, kind="eval", train_loss=f"{losses['train']:.6f}",
+                                  val_loss=f"{losses['val']:.6f}", tokens=iter_num * tokens_per_iter,
+                                  elapsed_s=f"{train_seconds:.3f}")
+                    improved = losses["val"] < best_val_loss
+                    best_val_loss = min(best_val_loss, losses["val"])
+                    if iter_num > 0 and (improved or cfg.always_save_checkpoint):
+                        save(losses["val"])
+                window_start, window_iters = time.perf_counter(), 0  # eval time is not training time
+            if done:
+                break
+            if vote and any_process(stop.received is not None, world_size, device):
+                if master:
+                    save(None)
+                    bar.close()
+                raise Interrupted(f"stopped by {stop.received or 'a signal to another process'} after iteration "
+                                  f"{iter_num}; saved {ckpt_path}; continue with --init_from=resume")
 
-        t0 = time.perf_counter()
-        if cfg.max_seconds > 0:  # lay the schedule over the time budget instead of iterations
-            lr = get_lr(train_seconds / cfg.max_seconds * cfg.lr_decay_iters, cfg)
-        else:
-            lr = get_lr(iter_num, cfg)
-        loss = train_step(model, optimizer, scaler, next_batch, accum, ctx, cfg.grad_clip, lr)
-        iter_num += 1
-        window_iters += 1
-        bar.update(1)
-        if iter_num % cfg.log_interval == 0 or cfg.max_seconds > 0:
-            loss = loss.item()  # the only host-device sync in the loop, every log_interval steps
-            now = time.perf_counter()
-            tok_per_s = window_iters * tokens_per_iter / max(now - window_start, 1e-9)
-            window_start, window_iters = now, 0
-            bar.set_postfix_str(f"loss {loss:.4f}, lr {lr:.2e}, {tok_per_s:,.0f} tok/s")
-        train_seconds += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            if cfg.max_seconds > 0:  # lay the schedule over the time budget instead of iterations
+                lr = get_lr(train_seconds / cfg.max_seconds * cfg.lr_decay_iters, cfg)
+            else:
+                lr = get_lr(iter_num, cfg)
+            loss = train_step(model, optimizer, scaler, next_step_batches(), accum, ctx, cfg.grad_clip, lr)
+            iter_num += 1
+            window_iters += 1
+            bar.update(1)
+            logging = iter_num % cfg.log_interval == 0
+            if logging or cfg.max_seconds > 0:
+                loss.item()  # wait for the step: the only host-device sync (every step with max_seconds)
+            train_seconds += time.perf_counter() - t0
+            if logging:
+                if world_size > 1:
+                    torch.distributed.all_reduce(loss)
+                    loss /= world_size  # the global batch's loss, not just this process's share
+                if master:
+                    now = time.perf_counter()
+                    tok_per_s = window_iters * tokens_per_iter / max(now - window_start, 1e-9)
+                    window_start, window_iters = now, 0
+                    bar.set_postfix_str(f"loss {loss.item():.4f}, lr {lr:.2e}, {tok_per_s:,.0f} tok/s", refresh=False)
+                    metrics.write(iter=iter_num, kind="log", loss=f"{loss.item():.6f}", lr=f"{lr:.6e}",
+                                  tokens=iter_num * tokens_per_iter, elapsed_s=f"{train_seconds:.3f}")
     bar.close()
+    if master:
+        val_path = os.path.join(dataset_dir(cfg), "val.bin")
+        losses["val_full"] = evaluate_split(raw_model, val_path, cfg.block_size, cfg.batch_size, device, ctx)
+        print(f"trained {iter_num} iterations in {train_seconds:.1f} s of training time; "
+              f"val loss over the whole val split: {losses['val_full']:.4f}")
     if world_size > 1:
         torch.distributed.destroy_process_group()
     return losses
+
+
+def any_process(flag, world_size, device):
+    """True if flag is True in any process (all processes must call this together)."""
+    if world_size == 1:
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    torch.distributed.all_reduce(t)
+    return bool(t.item())
 
 
 def capture_rng(data_rng):

@@ -93,7 +93,7 @@ def test_eval_only_needs_a_checkpoint(tiny_cfg):
     (dict(batch_size=0), "batch_size must be positive"),
     (dict(max_iters=-1), "max_iters must be positive"),
     (dict(n_embd=30, n_head=4), "not divisible by n_head"),
-    (dict(init_from="gpt2"), "init_from must be"),
+    (dict(init_from="gpt2"), "no checkpoint at gpt2; init_from takes"),
     (dict(block_size=5000), "not smaller than the val split"),
     (dict(dataset="nope"), "dataset 'nope' is not prepared"),
 ])

@@ -1,0 +1,176 @@
+"""
+Measure training and sampling speed for a model shape on this machine.
+
+    python bench.py                                     # the GPU recipe's shape, batch 8
+    python bench.py --n_layer=4 --n_head=4 --n_embd=128 --block_size=64 --batch_size=12
+
+Times train.py's own train_step (ms/iter, tokens/s, MFU against this machine's measured matmul
+peak in the same dtype), sampling speed with and without the KV cache, and peak memory. With
+--compare=True (default) it also runs nanoGPT's path (float32, unfused AdamW, no KV cache),
+alternating the two so that both see the same machine conditions, and reports the ratios.
+"""
+
+import copy
+import os
+import resource
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from configurator import configure, run_main
+from model import GPT, GPTConfig
+from train import autocast_context, get_batch, select_device, select_dtype, train_step
+
+
+@dataclass
+class BenchConfig:
+    batch_size: int = 8
+    block_size: int = 256
+    n_layer: int = 6
+    n_head: int = 6
+    n_embd: int = 384
+    dropout: float = 0.2
+    bias: bool = False
+    vocab_size: int = 65
+    device: str = "auto"
+    dtype: str = "auto"
+    compile: bool = False
+    compare: bool = True  # also time nanoGPT's path: float32, unfused AdamW, no KV cache
+    steps: int = 10  # timed training steps per round
+    rounds: int = 3  # rounds alternate the variants; medians are reported
+    sample_tokens: int = 500  # new tokens per sampling measurement (sample.py's default)
+    seed: int = 1337
+
+
+def synchronize(device_type):
+    if device_type == "cuda":
+        torch.cuda.synchronize()
+    elif device_type == "mps":
+        torch.mps.synchronize()
+
+
+def matmul_peak_flops(device, dtype, n=2048, repeats=10):
+    """FLOP/s of an n x n matmul in dtype on this device: the peak MFU is measured against."""
+    device_type = torch.device(device).type
+    a = torch.randn(n, n, device=device, dtype=getattr(torch, dtype))
+    b = torch.randn(n, n, device=device, dtype=getattr(torch, dtype))
+    times = []
+    for _ in range(repeats + 2):
+        synchronize(device_type)
+        t0 = time.perf_counter()
+        a @ b
+        synchronize(device_type)
+        times.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / min(times[2:])  # the best run: a peak
+
+
+def flops_per_iter(model, batch_size):
+    """Training FLOPs per iteration (forward + backward), as in the PaLM paper's appendix B."""
+    cfg = model.config
+    n_params = model.get_num_params()
+    flops_per_token = 6 * n_params + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+    return flops_per_token * cfg.block_size * batch_size
+
+
+def peak_memory_mb(device_type):
+    if device_type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    # CPU and MPS: the process's peak resident memory so far (Linux reports KiB, macOS bytes)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2 ** 20 if os.uname().sysname == "Darwin" else peak / 2 ** 10
+
+
+class Variant:
+    """One way of running the model: its dtype, optimizer kind and whether generation caches."""
+
+    def __init__(self, name, cfg, device, dtype, fused, use_cache, data_path):
+        self.name, self.device, self.dtype, self.use_cache = name, device, dtype, use_cache
+        self.device_type = torch.device(device).type
+        torch.manual_seed(cfg.seed)
+        self.model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size, n_layer=cfg.n_layer,
+                                   n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias)).to(device)
+        self.optimizer = self.model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), self.device_type, fused=fused)
+        self.fused = self.optimizer.defaults.get("fused") or False
+        self.step_model = torch.compile(self.model) if cfg.compile else self.model
+        self.scaler = torch.amp.GradScaler(self.device_type, enabled=(dtype == "float16"))
+        self.ctx = autocast_context(self.device_type, dtype)
+        rng = np.random.default_rng(cfg.seed)
+        self.next_batch = lambda: get_batch(data_path, cfg.batch_size, cfg.block_size, rng, device)
+        self.step_times, self.sample_rates = [], []
+        self.peak_mb = 0.0
+
+    def time_steps(self, steps):
+        synchronize(self.device_type)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            loss = train_step(self.step_model, self.optimizer, self.scaler, self.next_batch, 1, self.ctx, 1.0, 1e-3)
+        loss.item()  # wait for the last step
+        self.step_times.append((time.perf_counter() - t0) / steps)
+
+    def time_sampling(self, new_tokens):
+        # as sample.py does it: weights stored in the sampling dtype
+        model = copy.deepcopy(self.model).eval().to(dtype=getattr(torch, self.dtype))
+        idx = torch.zeros((1, 1), dtype=torch.long, device=self.device)
+        synchronize(self.device_type)
+        t0 = time.perf_counter()
+        model.generate(idx, new_tokens, temperature=1.0, top_k=None, use_cache=self.use_cache)
+        synchronize(self.device_type)
+        self.sample_rates.append(new_tokens / (time.perf_counter() - t0))
+
+
+def bench(cfg):
+    device = select_device(cfg.device)
+    device_type = torch.device(device).type
+    dtype = select_dtype(cfg.dtype, device_type)
+    with tempfile.TemporaryDirectory() as tmp:
+        data_path = os.path.join(tmp, "tokens.bin")
+        np.random.default_rng(0).integers(0, cfg.vocab_size, 200_000, dtype=np.uint16).tofile(data_path)
+        variants = [Variant("this repo", cfg, device, dtype, None, True, data_path)]
+        if cfg.compare:
+            variants.append(Variant("nanoGPT path", cfg, device, "float32", False, False, data_path))
+        peaks = {dt: matmul_peak_flops(device, dt) for dt in {v.dtype for v in variants}}
+        for v in variants:  # warm up: first steps allocate, autotune and (with compile) compile
+            v.time_steps(2)
+            v.step_times.clear()
+        for _ in range(cfg.rounds):
+            for v in variants:
+                if device_type == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                v.time_steps(cfg.steps)
+                v.peak_mb = max(v.peak_mb, peak_memory_mb(device_type))
+        for _ in range(cfg.rounds):
+            for v in variants:
+                v.time_sampling(cfg.sample_tokens)
+
+    tokens_per_iter = cfg.batch_size * cfg.block_size
+    print(f"device: {device} | model: {cfg.n_layer} layers, {cfg.n_head} heads, {cfg.n_embd} wide, "
+          f"block {cfg.block_size}, batch {cfg.batch_size}, {variants[0].model.get_num_params() / 1e6:.2f}M parameters")
+    print(f"matmul peak (2048x2048): " + ", ".join(f"{dt} {f / 1e9:,.0f} GFLOP/s" for dt, f in sorted(peaks.items())))
+    header = f"{'variant':<14} {'dtype':<9} {'AdamW':<7} {'KV cache':<8} {'ms/iter':>8} {'tokens/s':>9} " \
+             f"{'MFU':>6} {'sample tok/s':>12} {'peak MB':>8}"
+    print(header)
+    print("-" * len(header))
+    results = []
+    for v in variants:
+        step = statistics.median(v.step_times)
+        rate = statistics.median(v.sample_rates)
+        mfu = flops_per_iter(v.model, cfg.batch_size) / step / peaks[v.dtype]
+        results.append((step, rate))
+        print(f"{v.name:<14} {v.dtype:<9} {'fused' if v.fused else 'plain':<7} {'yes' if v.use_cache else 'no':<8} "
+              f"{step * 1e3:>8.1f} {tokens_per_iter / step:>9,.0f} {mfu:>6.1%} {rate:>12,.1f} {v.peak_mb:>8,.0f}")
+    if len(results) == 2:
+        (step_a, rate_a), (step_b, rate_b) = results
+        print(f"{'speedup':<14} {'':<9} {'':<7} {'':<8} {step_b / step_a:>7.2f}x {'':>9} {'':>6} {rate_a / rate_b:>11.1f}x")
+    return variants
+
+
+def main(argv):
+    bench(configure(BenchConfig, argv))
+
+
+if __name__ == "__main__":
+    run_main(main)

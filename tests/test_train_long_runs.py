@@ -1,0 +1,114 @@
+"""Long runs: exact resume, signals, kill -9 during saves, torchrun."""
+import csv
+import dataclasses
+import os
+import random
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO
+from train import load_checkpoint, train
+
+pytestmark = pytest.mark.slow
+
+
+def cli_args(cfg):
+    """The --key=value arguments that reproduce cfg on the command line."""
+    return [f"--{k}={v}" for k, v in dataclasses.asdict(cfg).items()]
+
+
+def start_training(cfg, *extra):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), *cli_args(cfg), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+
+
+def wait_for_line(proc, text):
+    for line in proc.stdout:
+        if text in line:
+            return True
+    return False
+
+
+def assert_same_weights(path_a, path_b):
+    a, b = load_checkpoint(path_a)["model"], load_checkpoint(path_b)["model"]
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_resume_is_bit_identical(tiny_cfg):
+    cfg = dataclasses.replace(tiny_cfg, always_save_checkpoint=True, dropout=0.1, eval_interval=10)
+    train(dataclasses.replace(cfg, max_iters=10))
+    train(dataclasses.replace(cfg, max_iters=40, init_from="resume"))
+    straight = dataclasses.replace(cfg, max_iters=40, out_dir=cfg.out_dir + "-straight")
+    train(straight)
+    assert_same_weights(os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(straight.out_dir, "ckpt.pt"))
+
+
+def test_interrupted_three_times_equals_uninterrupted(tiny_cfg):
+    cfg = dataclasses.replace(tiny_cfg, always_save_checkpoint=True, dropout=0.1, max_iters=300,
+                              lr_decay_iters=300, eval_interval=25, eval_iters=2)
+    stops = []
+    for attempt in range(3):
+        proc = start_training(cfg, *(["--init_from=resume"] if attempt else []))
+        seen = wait_for_line(proc, f"step {25 * (attempt + 1)}:")  # interrupt mid-run, after some progress
+        proc.send_signal(signal.SIGINT if attempt % 2 else signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+        assert seen and proc.returncode == 1, err
+        assert err.strip().splitlines()[-1].startswith("error: stopped by SIG") and "Traceback" not in err
+        stops.append(load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))["iter_num"])
+    assert stops == sorted(stops) and stops[-1] < 300
+    proc = start_training(cfg, "--init_from=resume")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    straight = dataclasses.replace(cfg, out_dir=cfg.out_dir + "-straight")
+    train(straight)
+    assert_same_weights(os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(straight.out_dir, "ckpt.pt"))
+    with open(os.path.join(cfg.out_dir, "metrics.csv")) as f:
+        rows = [r for r in csv.DictReader(f) if r["kind"] == "log"]
+    assert [int(r["iter"]) for r in rows] == list(range(10, 301, 10))  # no gaps, no repeats
+
+
+def test_kill_9_never_leaves_a_broken_checkpoint(tiny_cfg):
+    # saves at every eval, every 2 iterations: a random kill lands in or near a save often
+    cfg = dataclasses.replace(tiny_cfg, always_save_checkpoint=True, max_iters=100_000, lr_decay_iters=100_000,
+                              eval_interval=2, eval_iters=1)
+    rng = random.Random(0)
+    path = os.path.join(cfg.out_dir, "ckpt.pt")
+    for attempt in range(5):
+        proc = start_training(cfg, *(["--init_from=resume"] if attempt else []))
+        wait_for_line(proc, "step 2")
+        for _ in range(rng.randint(0, 40)):  # a random number of further evals (and saves)
+            proc.stdout.readline()
+        proc.kill()
+        proc.wait()
+        ckpt = load_checkpoint(path)  # loads: the old checkpoint or the new one, never half of one
+        assert ckpt["iter_num"] >= 2
+    assert [f for f in os.listdir(cfg.out_dir) if f.startswith("ckpt.pt.tmp")] in ([], [f"ckpt.pt.tmp{proc.pid}"])
+
+
+def test_torchrun_two_processes_match_one(tiny_cfg):
+    cfg = dataclasses.replace(tiny_cfg, max_iters=20, lr_decay_iters=20, eval_interval=10, eval_iters=4,
+                              log_interval=1, gradient_accumulation_steps=2)
+    one = train(cfg)
+    two_cfg = dataclasses.replace(cfg, out_dir=cfg.out_dir + "-ddp")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        os.path.join(REPO, "train.py"), *cli_args(two_cfg)],
+                       capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "processes: 2" in r.stdout
+
+    def curve(out_dir):
+        with open(os.path.join(out_dir, "metrics.csv")) as f:
+            return [(int(r["iter"]), float(r["loss"] or r["val_loss"])) for r in csv.DictReader(f)]
+
+    a, b = curve(cfg.out_dir), curve(two_cfg.out_dir)
+    assert [i for i, _ in a] == [i for i, _ in b] and len(a) == 23
+    # same batches, same global batch: only the order of floating-point sums differs
+    assert max(abs(x - y) for (_, x), (_, y) in zip(a, b)) < 1e-4
+    assert abs(float(r.stdout.rsplit("whole val split:", 1)[1]) - one["val_full"]) < 1e-4
