@@ -1,9 +1,10 @@
 """
 A GPT language model in one file, following Karpathy's "Let's build GPT" lecture and nanoGPT.
 
-Read it top to bottom: attention, MLP, the transformer block, then the GPT that stacks blocks,
-trains with cross-entropy and samples text (with a key/value cache, so each new token costs one
-position of compute rather than the whole context).
+Read it top to bottom: position encodings, attention, MLP, the transformer block, then the GPT
+that stacks blocks, trains with cross-entropy and samples text (with a key/value cache, so each new
+token costs one position of compute rather than the whole context). At the end, the bigram model
+the lecture starts from.
 
 Parameter names match nanoGPT's, so checkpoints move between the two projects.
 """
@@ -26,8 +27,16 @@ class GPTConfig:
     n_embd: int = 384
     dropout: float = 0.2
     bias: bool = True  # bias in Linear and LayerNorm layers, as GPT-2
+    model_type: str = "gpt"  # 'gpt', or 'bigram': the lecture's first model, a next-character lookup table
+    pos_encoding: str = "learned"  # 'learned' (GPT-2, the lecture's), 'sinusoidal' (fixed) or 'rope' (rotary)
 
     def __post_init__(self):
+        if self.model_type not in ("gpt", "bigram"):
+            raise ValueError(f"model_type must be 'gpt' or 'bigram', got '{self.model_type}'")
+        if self.pos_encoding not in ("learned", "sinusoidal", "rope"):
+            raise ValueError(f"pos_encoding must be 'learned', 'sinusoidal' or 'rope', got '{self.pos_encoding}'")
+        if self.pos_encoding == "rope" and (self.n_embd // max(self.n_head, 1)) % 2:
+            raise ValueError(f"rope needs an even head size, but n_embd / n_head = {self.n_embd // self.n_head}")
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
                              f"pick n_embd as a multiple of n_head")
@@ -36,6 +45,32 @@ class GPTConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+
+def sinusoidal_table(n_positions, dim):
+    """Fixed position encodings of "Attention Is All You Need": (n_positions, dim), sines in the even
+    channels and cosines in the odd ones, with wavelengths from 2*pi to 10000*2*pi."""
+    pos = torch.arange(n_positions, dtype=torch.float32)[:, None]
+    freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    table = torch.zeros(n_positions, dim)
+    table[:, 0::2] = torch.sin(pos * freq)
+    table[:, 1::2] = torch.cos(pos * freq[: dim // 2])
+    return table
+
+
+def rope_tables(n_positions, head_size, base=10000.0):
+    """cos and sin of the rotary angles, each (n_positions, head_size / 2)."""
+    freq = 1.0 / base ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)
+    angles = torch.arange(n_positions, dtype=torch.float32)[:, None] * freq
+    return torch.cos(angles), torch.sin(angles)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate each pair of channels (i, i + hs/2) of x (B, nh, T, hs) by its position's angle, so
+    that q . k depends only on how far apart the two positions are (RoFormer, Su et al. 2021)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
 class Dropout(nn.Dropout):
@@ -88,13 +123,15 @@ class CausalSelfAttention(nn.Module):
         # scaled_dot_product_attention off its fused (flash / memory-efficient) kernels.
         self.resid_dropout = Dropout(config.dropout)
 
-    def forward(self, x, kv_cache=None):
+    def forward(self, x, kv_cache=None, rope=None):
         B, T, C = x.size()  # batch, time (sequence length), channels (n_embd)
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         # split channels into heads: (B, T, C) -> (B, nh, T, hs)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        if rope is not None:  # rotary positions: rotate queries and keys, before keys are cached
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if kv_cache is not None:
             if kv_cache.pos > 0 and T > 1:
                 raise ValueError("a KV cache extends one token at a time after the prompt")
@@ -144,8 +181,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, kv_cache=None):
-        x = x + self.attn(self.ln_1(x), kv_cache)
+    def forward(self, x, kv_cache=None, rope=None):
+        x = x + self.attn(self.ln_1(x), kv_cache, rope)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -157,11 +194,22 @@ class GPT(nn.Module):
         self.config = config
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embedding
-            wpe=nn.Embedding(config.block_size, config.n_embd),  # learned position embedding
             drop=Dropout(config.dropout),
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
+        # Attention alone does not know where a token is; the position encoding tells it.
+        if config.pos_encoding == "learned":  # a trained vector per position, added to the token's
+            self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
+        elif config.pos_encoding == "sinusoidal":  # a fixed vector per position, added
+            # scaled to the token embeddings' size (std 0.02): at full size, values in [-1, 1], it
+            # drowns the tokens and training stalls (measured: 3.2 vs 1.7 loss on a tiny model)
+            table = 0.02 * sinusoidal_table(config.block_size, config.n_embd)
+            self.register_buffer("sinusoid", table, persistent=False)
+        else:  # rope: nothing added; queries and keys are rotated in every attention layer
+            cos, sin = rope_tables(config.block_size, config.n_embd // config.n_head)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # Weight tying: the same matrix maps tokens to vectors and vectors back to token logits.
         self.transformer.wte.weight = self.lm_head.weight
@@ -185,7 +233,7 @@ class GPT(nn.Module):
         """Number of parameters; by default without the position embedding (the token embedding
         counts, because it is also the output head)."""
         n_params = sum(p.numel() for p in self.parameters())
-        if non_embedding:
+        if non_embedding and "wpe" in self.transformer:
             n_params -= self.transformer.wpe.weight.numel()
         return n_params
 
@@ -198,9 +246,17 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of length {start + T} is longer than block_size={self.config.block_size}")
         pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
 
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        x = self.transformer.wte(idx)  # (B, T, C)
+        rope = None
+        if self.config.pos_encoding == "learned":
+            x = x + self.transformer.wpe(pos)
+        elif self.config.pos_encoding == "sinusoidal":
+            x = x + self.sinusoid[pos]
+        else:
+            rope = (self.rope_cos[pos], self.rope_sin[pos])
+        x = self.transformer.drop(x)
         for block in self.transformer.h:
-            x = block(x, kv_cache)
+            x = block(x, kv_cache, rope)
         if kv_cache is not None:
             kv_cache.pos += T
         x = self.transformer.ln_f(x)
@@ -218,7 +274,11 @@ class GPT(nn.Module):
         """Shrink the context length, e.g. to fine-tune a model with a shorter block_size."""
         assert block_size <= self.config.block_size
         self.config.block_size = block_size
-        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+        if "wpe" in self.transformer:
+            self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+        for name in ("sinusoid", "rope_cos", "rope_sin"):
+            if hasattr(self, name):
+                setattr(self, name, getattr(self, name)[:block_size])
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, fused=None):
         """AdamW with weight decay on matrices (2+ dimensions) only; biases and LayerNorm gains are
@@ -262,6 +322,36 @@ class GPT(nn.Module):
         """Return idx (B, T) extended by max_new_tokens sampled tokens: (B, T + max_new_tokens)."""
         new = list(self.generate_tokens(idx, max_new_tokens, temperature, top_k, use_cache, generator))
         return torch.cat([idx] + new, dim=1)
+
+
+class Bigram(nn.Module):
+    """The lecture's first model: each character alone predicts the next, through a table whose row
+    for a character holds the logits of the character after it. No context, no attention."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.token_embedding_table = nn.Embedding(config.vocab_size, config.vocab_size)
+        torch.nn.init.normal_(self.token_embedding_table.weight, mean=0.0, std=0.02)
+
+    def get_num_params(self, non_embedding=True):
+        return self.token_embedding_table.weight.numel()
+
+    def forward(self, idx, targets=None, kv_cache=None):
+        logits = self.token_embedding_table(idx)  # (B, T, vocab_size)
+        if targets is None:
+            return logits[:, [-1], :], None
+        return logits, F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+
+    # The same optimizer setup and sampling loop as the GPT (the bigram ignores the KV cache).
+    configure_optimizers = GPT.configure_optimizers
+    generate_tokens = GPT.generate_tokens
+    generate = GPT.generate
+
+
+def build_model(config):
+    """The model config.model_type names."""
+    return Bigram(config) if config.model_type == "bigram" else GPT(config)
 
 
 def sample_next(logits, temperature=1.0, top_k=None, generator=None):

@@ -13,8 +13,6 @@ import argparse
 import hashlib
 import os
 import pickle
-import shutil
-import sys
 
 import numpy as np
 import requests
@@ -124,9 +122,10 @@ def _write_atomic(path, write):
             os.remove(tmp)
 
 
-def prepare(text, out_dir):
-    """Tokenize text and write train.bin, val.bin and meta.pkl into out_dir; return the tokenizer."""
-    tok = CharTokenizer.from_text(text)
+def prepare(text, out_dir, tok=None):
+    """Tokenize text (with tok, or a vocabulary of its own characters) and write train.bin, val.bin
+    and meta.pkl into out_dir; return the tokenizer."""
+    tok = tok or CharTokenizer.from_text(text)
     if tok.vocab_size > np.iinfo(np.uint16).max + 1:
         raise DatasetError(f"the text has {tok.vocab_size} distinct characters; uint16 token files hold at most 65536")
     n = len(text)
@@ -142,9 +141,16 @@ def prepare(text, out_dir):
 
 
 def prepare_dataset(dataset=DEFAULT_DATASET, input_path=None, url=SHAKESPEARE_URL,
-                    sha256=SHAKESPEARE_SHA256, data_dir="data"):
-    """Fetch (or copy) the text into data_dir/dataset/input.txt and prepare it; return the tokenizer."""
+                    sha256=SHAKESPEARE_SHA256, data_dir="data", vocab_from=None):
+    """Fetch (or copy) the text into data_dir/dataset/input.txt and prepare it; return the tokenizer.
+    vocab_from names a prepared dataset whose vocabulary to use (to fine-tune a model trained on it)."""
     out_dir = os.path.join(data_dir, dataset)
+    tok = None
+    if vocab_from is not None:
+        meta = os.path.join(data_dir, vocab_from, "meta.pkl")
+        if not os.path.exists(meta):
+            raise DatasetError(f"--vocab_from {vocab_from}: {meta} not found; prepare that dataset first")
+        tok = CharTokenizer.load(meta)
     os.makedirs(out_dir, exist_ok=True)
     text_path = os.path.join(out_dir, "input.txt")
     if input_path is not None:
@@ -160,7 +166,7 @@ def prepare_dataset(dataset=DEFAULT_DATASET, input_path=None, url=SHAKESPEARE_UR
         else:
             download(url, text_path, sha256)
         text = read_text(text_path)
-    tok = prepare(text, out_dir)
+    tok = prepare(text, out_dir, tok)
     split = int(len(text) * TRAIN_FRACTION)
     print(f"{out_dir}: vocab size {tok.vocab_size}, {split:,} train tokens, {len(text) - split:,} val tokens")
     return tok
@@ -174,8 +180,9 @@ def main(argv):
     parser.add_argument("--sha256", default=SHAKESPEARE_SHA256,
                         help="expected SHA-256 of the download ('' to skip the check)")
     parser.add_argument("--data_dir", default="data", help="folder that holds the datasets")
+    parser.add_argument("--vocab_from", help="use the vocabulary of this prepared dataset (for fine-tuning)")
     args = parser.parse_args(argv)
-    prepare_dataset(args.dataset, args.input, args.url, args.sha256, args.data_dir)
+    prepare_dataset(args.dataset, args.input, args.url, args.sha256, args.data_dir, args.vocab_from)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from configurator import ConfigError, UserError, configure, run_main
-from model import GPT, GPTConfig
+from model import GPTConfig, build_model
 from prepare_shakespeare import DEFAULT_DATASET, CharTokenizer, prepare_dataset
 
 
@@ -44,6 +44,8 @@ class TrainConfig:
     batch_size: int = 64
     block_size: int = 256
     # model (the lecture's GPT)
+    model_type: str = "gpt"  # 'gpt', or 'bigram' (the lecture's baseline)
+    pos_encoding: str = "learned"  # 'learned', 'sinusoidal' or 'rope'
     n_layer: int = 6
     n_head: int = 6
     n_embd: int = 384
@@ -68,9 +70,10 @@ class TrainConfig:
     dtype: str = "auto"  # 'auto', 'float32', 'bfloat16', 'float16'
     compile: bool = False
     seed: int = 1337
+    plot: bool = False  # draw out_dir/loss.png from out_dir/metrics.csv at the end (needs matplotlib)
 
 
-MODEL_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout")
+MODEL_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout", "model_type", "pos_encoding")
 
 
 # ----- device and precision (used by train.py, sample.py and bench.py)
@@ -223,7 +226,7 @@ def load_checkpoint(path, device="cpu", hint=""):
 def model_from_checkpoint(checkpoint):
     """Build the GPT a checkpoint describes and load its weights (compiled models' keys work too)."""
     args = {k: v for k, v in checkpoint["model_args"].items() if k in GPTConfig.__dataclass_fields__}
-    model = GPT(GPTConfig(**args))
+    model = build_model(GPTConfig(**args))
     prefix = "_orig_mod."
     state = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in checkpoint["model"].items()}
     try:
@@ -245,6 +248,12 @@ def check_config(cfg):
                           f"e.g. --n_embd={cfg.n_head * max(1, round(cfg.n_embd / cfg.n_head))}")
     if not 0.0 <= cfg.dropout < 1.0:
         raise ConfigError(f"dropout must be in [0, 1), got {cfg.dropout}")
+    if cfg.model_type not in ("gpt", "bigram"):
+        raise ConfigError(f"model_type must be 'gpt' or 'bigram', got '{cfg.model_type}'")
+    if cfg.pos_encoding not in ("learned", "sinusoidal", "rope"):
+        raise ConfigError(f"pos_encoding must be 'learned', 'sinusoidal' or 'rope', got '{cfg.pos_encoding}'")
+    if cfg.pos_encoding == "rope" and (cfg.n_embd // cfg.n_head) % 2:
+        raise ConfigError(f"rope needs an even head size; n_embd / n_head = {cfg.n_embd // cfg.n_head}")
     if cfg.decay_lr and cfg.lr_decay_iters <= cfg.warmup_iters:
         raise ConfigError(f"lr_decay_iters={cfg.lr_decay_iters} must exceed warmup_iters={cfg.warmup_iters}")
     if cfg.max_seconds < 0:
@@ -393,7 +402,7 @@ def init_model(cfg, tok, device):
     """The model to train and the checkpoint it came from (None when training from scratch)."""
     if cfg.init_from == "scratch" and not cfg.eval_only:
         args = {k: getattr(cfg, k) for k in MODEL_ARGS if k != "vocab_size"}
-        return GPT(GPTConfig(vocab_size=tok.vocab_size, **args)), None
+        return build_model(GPTConfig(vocab_size=tok.vocab_size, **args)), None
     if cfg.init_from in ("scratch", "resume"):  # eval_only evaluates the run's own checkpoint
         path, hint = os.path.join(cfg.out_dir, "ckpt.pt"), "; train one first, or use --init_from=scratch"
     else:  # fine-tuning: a checkpoint file or the out_dir that holds one
@@ -401,11 +410,13 @@ def init_model(cfg, tok, device):
         hint = "; init_from takes 'scratch', 'resume', a ckpt.pt file or an out_dir holding one"
     checkpoint = load_checkpoint(path, device, hint=hint)
     model = model_from_checkpoint(checkpoint)
-    if model.config.vocab_size != tok.vocab_size:
-        raise CheckpointError(f"{path} has a vocabulary of {model.config.vocab_size} characters but dataset "
-                              f"'{cfg.dataset}' has {tok.vocab_size}; use a dataset with the checkpoint's vocabulary")
-    for k in ("n_layer", "n_head", "n_embd", "bias"):
-        setattr(cfg, k, getattr(model.config, k))  # the checkpoint's shape wins over the config
+    vocab = checkpoint.get("vocab")  # the characters, in our checkpoints; nanoGPT's have only the size
+    if model.config.vocab_size != tok.vocab_size or (vocab is not None and vocab != tok.decode(range(tok.vocab_size))):
+        raise CheckpointError(f"{path} was trained with another vocabulary than dataset '{cfg.dataset}' has "
+                              f"({model.config.vocab_size} vs {tok.vocab_size} characters); prepare the dataset "
+                              f"with --vocab_from set to the checkpoint's dataset")
+    for k in ("n_layer", "n_head", "n_embd", "bias", "model_type", "pos_encoding"):
+        setattr(cfg, k, getattr(model.config, k))  # the checkpoint's model wins over the config
     if cfg.init_from == "resume" or cfg.eval_only:
         cfg.block_size = model.config.block_size
     elif cfg.block_size < model.config.block_size:
@@ -489,6 +500,7 @@ def train(cfg):
             "best_val_loss": best_val_loss,
             "val_loss": val_loss,
             "config": asdict(cfg),
+            "vocab": tok.decode(range(tok.vocab_size)),
             "rng": capture_rng(data_rng),
         }, ckpt_path)
 
@@ -568,9 +580,41 @@ def train(cfg):
         losses["val_full"] = evaluate_split(raw_model, val_path, cfg.block_size, cfg.batch_size, device, ctx)
         print(f"trained {iter_num} iterations in {train_seconds:.1f} s of training time; "
               f"val loss over the whole val split: {losses['val_full']:.4f}")
+        if cfg.plot:
+            try:
+                print(f"loss curves drawn in {plot_metrics(cfg.out_dir)}")
+            except UserError as e:
+                print(f"warning: {e}", file=sys.stderr)
     if world_size > 1:
         torch.distributed.destroy_process_group()
     return losses
+
+
+def plot_metrics(out_dir):
+    """Draw out_dir/metrics.csv as out_dir/loss.png: step loss and eval losses against iterations."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # files only, no window
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UserError("matplotlib is not installed, so no loss.png; pip install matplotlib") from None
+    with open(os.path.join(out_dir, "metrics.csv"), newline="") as f:
+        rows = list(csv.DictReader(f))
+    logs = [r for r in rows if r["kind"] == "log"]
+    evals = [r for r in rows if r["kind"] == "eval"]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    ax.plot([int(r["iter"]) for r in logs], [float(r["loss"]) for r in logs], lw=0.8, alpha=0.5, label="batch loss")
+    for split in ("train", "val"):
+        ax.plot([int(r["iter"]) for r in evals], [float(r[f"{split}_loss"]) for r in evals], marker="o", label=f"{split} loss")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("cross-entropy loss")
+    ax.set_title(out_dir)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    path = os.path.join(out_dir, "loss.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def any_process(flag, world_size, device):

@@ -174,3 +174,54 @@ def test_cpu_dropout_rate_and_scale():
     values = y.unique()
     assert len(values) == 2 and values[0] == 0 and abs(values[1] - 4 / 3) < 1e-6  # survivors scaled up
     assert torch.equal(drop.eval()(torch.ones(5)), torch.ones(5))
+
+
+@pytest.mark.parametrize("pos_encoding", ["learned", "sinusoidal", "rope"])
+def test_position_encodings_are_causal_and_cache_exact(pos_encoding):
+    model = tiny(block_size=32, pos_encoding=pos_encoding).eval()
+    idx = torch.randint(0, 11, (1, 16), generator=torch.Generator().manual_seed(1))
+    changed = idx.clone()
+    changed[0, 9] = (idx[0, 9] + 1) % 11
+    a, _ = model(idx, idx)
+    b, _ = model(changed, changed)
+    torch.testing.assert_close(a[:, :9], b[:, :9])
+    out = {}
+    for use_cache in (True, False):
+        torch.manual_seed(7)
+        out[use_cache] = model.generate(idx[:, :4], 28, temperature=0.9, top_k=6, use_cache=use_cache)
+    assert torch.equal(out[True], out[False])
+
+
+def test_position_encodings_tell_order_apart():
+    # without positions, attention is blind to order: "1 2 3 4" and "2 1 3 4" would predict alike
+    for pe in ("learned", "sinusoidal", "rope"):
+        model = tiny(pos_encoding=pe).eval()
+        a, _ = model(torch.tensor([[1, 2, 3, 4]]))
+        b, _ = model(torch.tensor([[2, 1, 3, 4]]))
+        assert not torch.allclose(a, b), pe
+
+
+def test_sinusoidal_table_and_rope_rotation():
+    from model import apply_rope, rope_tables, sinusoidal_table
+    table = sinusoidal_table(50, 8)
+    assert table.shape == (50, 8) and torch.equal(table[0], torch.tensor([0.0, 1.0] * 4))
+    # rotary: q . k depends only on the distance between positions
+    cos, sin = rope_tables(20, 8)
+    q, k = torch.randn(2, 8, generator=torch.Generator().manual_seed(0))
+    def dot(i, j):
+        return (apply_rope(q.view(1, 1, 1, 8), cos[i], sin[i]) * apply_rope(k.view(1, 1, 1, 8), cos[j], sin[j])).sum()
+    torch.testing.assert_close(dot(3, 1), dot(12, 10))
+    assert not torch.allclose(dot(3, 1), dot(3, 2))
+
+
+def test_bigram_model():
+    from model import build_model
+    model = build_model(GPTConfig(model_type="bigram", vocab_size=11, block_size=8))
+    idx = torch.randint(0, 11, (2, 8))
+    logits, loss = model(idx, idx)
+    assert logits.shape == (2, 8, 11) and abs(loss.item() - math.log(11)) < 0.1
+    torch.manual_seed(0)
+    out = model.generate(idx[:, :1], 20, temperature=0)
+    # greedy bigram: each token is the argmax of the row of the token before it
+    table = model.token_embedding_table.weight
+    assert all(out[0, t + 1] == table[out[0, t]].argmax() for t in range(20))

@@ -1,3 +1,4 @@
+import csv
 import dataclasses
 import math
 import os
@@ -133,3 +134,154 @@ def test_train_script_missing_dataset_gives_command(tmp_path):
     r = run_script("train.py", "--dataset=mytext", f"--data_dir={tmp_path}", f"--out_dir={tmp_path / 'o'}")
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "python prepare_shakespeare.py --input YOUR_TEXT.txt --dataset mytext" in r.stderr
+
+
+def test_resume_without_checkpoint(tiny_cfg):
+    with pytest.raises(CheckpointError, match="no checkpoint at .*ckpt.pt; train one first"):
+        train(dataclasses.replace(tiny_cfg, init_from="resume"))
+
+
+def test_truncated_checkpoint(tiny_cfg):
+    train(dataclasses.replace(tiny_cfg, max_iters=20))
+    path = os.path.join(tiny_cfg.out_dir, "ckpt.pt")
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        train(dataclasses.replace(tiny_cfg, init_from="resume"))
+
+
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    save_checkpoint({"model": {"w": torch.ones(3)}, "model_args": {}}, path)
+
+    def full_disk(obj, f):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(CheckpointError, match="No space left on device; the previous checkpoint is untouched"):
+        save_checkpoint({"model": {"w": torch.zeros(3)}, "model_args": {}}, path)
+    monkeypatch.undo()
+    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(3))
+    assert os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+def test_out_dir_that_cannot_be_written(tiny_cfg, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(UserError, match="can't write to out_dir"):
+        train(dataclasses.replace(tiny_cfg, out_dir=str(blocker / "out")))
+
+
+def test_nanogpt_checkpoint_loads_and_resumes(tiny_cfg):
+    """A checkpoint laid out as nanoGPT writes one: compiled-model keys, best_val_loss as a tensor,
+    no RNG state, no vocab, model_args without our extra keys."""
+    train(tiny_cfg)
+    path = os.path.join(tiny_cfg.out_dir, "ckpt.pt")
+    ours = load_checkpoint(path)
+    nano = {
+        "model": {"_orig_mod." + k: v for k, v in ours["model"].items()},
+        "optimizer": ours["optimizer"],
+        "model_args": {k: ours["model_args"][k] for k in
+                       ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout")},
+        "iter_num": 40,
+        "best_val_loss": torch.tensor(ours["best_val_loss"]),
+        "config": {k: v for k, v in ours["config"].items() if k not in ("data_dir", "max_seconds", "plot")},
+    }
+    torch.save(nano, path)
+    losses = train(dataclasses.replace(tiny_cfg, init_from="resume", max_iters=50, lr_decay_iters=50))
+    assert load_checkpoint(path)["iter_num"] == 50 and losses["val"] < 3.0
+
+
+def test_time_budget_stops_and_saves(tiny_cfg):
+    cfg = dataclasses.replace(tiny_cfg, max_iters=10_000_000, max_seconds=0.5, eval_interval=10_000_000)
+    losses = train(cfg)
+    ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))
+    assert 0 < ckpt["iter_num"] < 10_000_000 and ckpt["val_loss"] == losses["val"]
+    with open(os.path.join(cfg.out_dir, "metrics.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert rows[-1]["kind"] == "eval" and int(rows[-1]["iter"]) == ckpt["iter_num"]
+    assert 0.5 <= float(rows[-1]["elapsed_s"]) < 5
+    lrs = [float(r["lr"]) for r in rows if r["kind"] == "log"]
+    assert lrs[-1] < 0.2 * max(lrs)  # the cosine schedule ran its course within the budget
+
+
+def test_metrics_csv_and_plot(tiny_cfg):
+    pytest.importorskip("matplotlib")
+    train(dataclasses.replace(tiny_cfg, plot=True))
+    with open(os.path.join(tiny_cfg.out_dir, "metrics.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["iter"]) for r in rows if r["kind"] == "eval"] == [0, 20, 40]
+    assert [int(r["iter"]) for r in rows if r["kind"] == "log"] == [10, 20, 30, 40]
+    assert int(rows[-1]["tokens"]) == 40 * 8 * 32
+    with open(os.path.join(tiny_cfg.out_dir, "loss.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_without_matplotlib(tiny_cfg, monkeypatch):
+    import sys
+    from train import plot_metrics
+    train(tiny_cfg)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(UserError, match="pip install matplotlib"):
+        plot_metrics(tiny_cfg.out_dir)
+
+
+@pytest.mark.parametrize("pos_encoding", ["learned", "sinusoidal", "rope"])
+def test_position_encodings_train_and_survive_save_load(tiny_cfg, pos_encoding):
+    cfg = dataclasses.replace(tiny_cfg, pos_encoding=pos_encoding, out_dir=f"{tiny_cfg.out_dir}-{pos_encoding}")
+    losses = train(cfg)
+    assert losses["val"] < 3.0
+    ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))
+    model = model_from_checkpoint(ckpt).eval()
+    assert model.config.pos_encoding == pos_encoding
+    again = train(dataclasses.replace(cfg, eval_only=True))  # evaluates the reloaded checkpoint
+    assert math.isclose(again["val"], ckpt["val_loss"], rel_tol=1e-5)
+
+
+def test_bigram_baseline_trains(tiny_cfg):
+    cfg = dataclasses.replace(tiny_cfg, model_type="bigram", learning_rate=1e-2, block_size=8, max_iters=100,
+                              lr_decay_iters=100, eval_interval=100)
+    losses = train(cfg)
+    model = model_from_checkpoint(load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt")))
+    assert type(model).__name__ == "Bigram" and model.get_num_params() == model.config.vocab_size ** 2
+    assert losses["val"] < math.log(model.config.vocab_size) - 0.5
+
+
+def test_fine_tune_from_out_dir(tiny_cfg, tiny_data):
+    from conftest import TINY_TEXT
+    from prepare_shakespeare import prepare_dataset
+    train(tiny_cfg)
+    (tiny_data / "romeo.txt").write_text(TINY_TEXT[TINY_TEXT.index("ROMEO"):][:3000], encoding="utf-8")
+    prepare_dataset("romeo", input_path=str(tiny_data / "romeo.txt"), data_dir=str(tiny_data), vocab_from="tiny")
+    ft = dataclasses.replace(tiny_cfg, dataset="romeo", init_from=tiny_cfg.out_dir, out_dir=tiny_cfg.out_dir + "-ft",
+                             max_iters=10, lr_decay_iters=10, warmup_iters=2, eval_interval=10, block_size=16,
+                             n_layer=9, learning_rate=3e-4)
+    losses = train(ft)
+    ckpt = load_checkpoint(os.path.join(ft.out_dir, "ckpt.pt"))
+    assert ckpt["iter_num"] == 10  # a fresh iteration count
+    assert ckpt["model_args"]["n_layer"] == 2 and ckpt["model_args"]["block_size"] == 16  # shape from the checkpoint
+    with open(os.path.join(ft.out_dir, "metrics.csv")) as f:
+        first_eval = next(r for r in csv.DictReader(f) if r["kind"] == "eval")
+    assert float(first_eval["val_loss"]) < 3.0  # started from the pretrained weights, not from scratch
+    assert losses["val"] < 3.0
+
+    (tiny_data / "shout.txt").write_text(TINY_TEXT.upper()[:3000], encoding="utf-8")
+    prepare_dataset("other", input_path=str(tiny_data / "shout.txt"), data_dir=str(tiny_data))  # its own vocab
+    with pytest.raises(CheckpointError, match="another vocabulary"):
+        train(dataclasses.replace(ft, dataset="other", out_dir=tiny_cfg.out_dir + "-other"))
+
+
+def test_non_ascii_text_trains(tmp_path):
+    from prepare_shakespeare import prepare
+    cjk = "".join(chr(0x4E00 + i) for i in range(60))
+    text = ("Ἐν ἀρχῇ ἦν ὁ λόγος — «Привет, мир!» ünïcödé " + cjk + "\n") * 100
+    tok = prepare(text, str(tmp_path / "data" / "poly"))
+    assert tok.vocab_size > 65 and tok.decode(tok.encode(text)) == text
+    cfg = TrainConfig(out_dir=str(tmp_path / "out"), data_dir=str(tmp_path / "data"), dataset="poly",
+                      n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=8, dropout=0.0, max_iters=30,
+                      lr_decay_iters=30, warmup_iters=2, eval_interval=30, eval_iters=2, learning_rate=1e-2,
+                      device="cpu", dtype="float32")
+    assert train(cfg)["val"] < math.log(tok.vocab_size) - 1
