@@ -2,7 +2,7 @@
 Train a character-level GPT.
 
     python train.py config/train_shakespeare_char.py          # the GPU recipe
-    python train.py config/train_shakespeare_char_cpu.py      # about two minutes on a laptop CPU
+    python train.py config/train_shakespeare_char_cpu.py      # 100 seconds on a laptop CPU
     torchrun --standalone --nproc_per_node=4 train.py config/train_shakespeare_char.py
 
 Any setting can be overridden with --key=value. This file is also the home of device and dtype
@@ -73,7 +73,17 @@ class TrainConfig:
     plot: bool = False  # draw out_dir/loss.png from out_dir/metrics.csv at the end (needs matplotlib)
 
 
-MODEL_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout", "model_type", "pos_encoding")
+MODEL_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout")  # nanoGPT's
+
+
+def model_args(config):
+    """A checkpoint's model_args: nanoGPT's keys, plus model_type and pos_encoding where they are
+    not the GPT's defaults, so that nanoGPT can load the checkpoints of the models it has."""
+    args = {k: getattr(config, k) for k in MODEL_ARGS}
+    for k in ("model_type", "pos_encoding"):
+        if getattr(config, k) != GPTConfig.__dataclass_fields__[k].default:
+            args[k] = getattr(config, k)
+    return args
 
 
 # ----- device and precision (used by train.py, sample.py and bench.py)
@@ -203,6 +213,12 @@ def save_checkpoint(checkpoint, path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
+            fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
     except OSError as e:
         raise CheckpointError(f"could not write {path}: {e.strerror}; the previous checkpoint is untouched") from e
     finally:
@@ -228,7 +244,8 @@ def model_from_checkpoint(checkpoint):
     args = {k: v for k, v in checkpoint["model_args"].items() if k in GPTConfig.__dataclass_fields__}
     model = build_model(GPTConfig(**args))
     prefix = "_orig_mod."
-    state = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in checkpoint["model"].items()}
+    state = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in checkpoint["model"].items()
+             if not k.endswith(".attn.bias")}  # nanoGPT's causal-mask buffer, on PyTorch without flash attention
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
@@ -401,7 +418,7 @@ class MetricsLog:
 def init_model(cfg, tok, device):
     """The model to train and the checkpoint it came from (None when training from scratch)."""
     if cfg.init_from == "scratch" and not cfg.eval_only:
-        args = {k: getattr(cfg, k) for k in MODEL_ARGS if k != "vocab_size"}
+        args = {k: getattr(cfg, k) for k in MODEL_ARGS + ("model_type", "pos_encoding") if k != "vocab_size"}
         return build_model(GPTConfig(vocab_size=tok.vocab_size, **args)), None
     if cfg.init_from in ("scratch", "resume"):  # eval_only evaluates the run's own checkpoint
         path, hint = os.path.join(cfg.out_dir, "ckpt.pt"), "; train one first, or use --init_from=scratch"
@@ -495,7 +512,7 @@ def train(cfg):
             "model": raw_model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict(),
-            "model_args": {k: getattr(raw_model.config, k) for k in MODEL_ARGS},
+            "model_args": model_args(raw_model.config),
             "iter_num": iter_num,
             "best_val_loss": best_val_loss,
             "val_loss": val_loss,

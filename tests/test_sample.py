@@ -81,3 +81,12 @@ def test_vocabulary_mismatch(trained):
     save_checkpoint(ckpt, path)
     with pytest.raises(UserError, match="the checkpoint's model has"):
         sample(sample_cfg(trained))
+
+
+def test_bigram_checkpoint_samples(tiny_cfg):
+    cfg = dataclasses.replace(tiny_cfg, model_type="bigram", block_size=8, learning_rate=1e-2, max_iters=30)
+    train(cfg)
+    buf = io.StringIO()
+    sample(sample_cfg(cfg, start="ROMEO:", num_samples=2, max_new_tokens=20), out=buf)
+    a, b, _ = buf.getvalue().split("---------------\n")
+    assert a.startswith("ROMEO:") and len(a) == 6 + 20 + 1 and a != b

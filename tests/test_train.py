@@ -181,6 +181,8 @@ def test_nanogpt_checkpoint_loads_and_resumes(tiny_cfg):
     train(tiny_cfg)
     path = os.path.join(tiny_cfg.out_dir, "ckpt.pt")
     ours = load_checkpoint(path)
+    # the other direction: nanoGPT builds its GPTConfig from exactly these keys
+    assert set(ours["model_args"]) == {"n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout"}
     nano = {
         "model": {"_orig_mod." + k: v for k, v in ours["model"].items()},
         "optimizer": ours["optimizer"],
@@ -237,6 +239,7 @@ def test_position_encodings_train_and_survive_save_load(tiny_cfg, pos_encoding):
     ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))
     model = model_from_checkpoint(ckpt).eval()
     assert model.config.pos_encoding == pos_encoding
+    assert ckpt["model_args"].get("pos_encoding", "learned") == pos_encoding
     again = train(dataclasses.replace(cfg, eval_only=True))  # evaluates the reloaded checkpoint
     assert math.isclose(again["val"], ckpt["val_loss"], rel_tol=1e-5)
 
