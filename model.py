@@ -280,17 +280,27 @@ class GPT(nn.Module):
             if hasattr(self, name):
                 setattr(self, name, getattr(self, name)[:block_size])
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, fused=None):
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, fused=None, optimizer="adamw"):
         """AdamW with weight decay on matrices (2+ dimensions) only; biases and LayerNorm gains are
-        not decayed. fused=None fuses it into one kernel per step where this PyTorch supports that."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ]
+        not decayed. fused=None fuses it into one kernel per step where this PyTorch supports that.
+
+        optimizer='muon' trains the matrices inside the blocks with Muon (momentum orthogonalized by
+        Newton-Schulz iterations, torch.optim.Muon) and the embeddings, head and gains with AdamW.
+        Muon's step sizes are matched to AdamW's, so the same learning rate and schedule serve both.
+        """
         if fused is None:
             fused = device_type in fused_adamw_devices()
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
+        params = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        hidden = [p for n, p in params if optimizer == "muon" and p.dim() == 2 and n.startswith("transformer.h.")]
+        rest = [p for n, p in params if not any(p is h for h in hidden)]
+        adamw = torch.optim.AdamW([
+            {"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
+        ], lr=learning_rate, betas=betas, fused=fused)
+        if not hidden:  # AdamW asked for, or no hidden matrices (the bigram)
+            return adamw
+        muon = torch.optim.Muon(hidden, lr=learning_rate, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw")
+        return Optimizers(muon=muon, adamw=adamw)
 
     @torch.no_grad()
     def generate_tokens(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True, generator=None):
@@ -352,6 +362,32 @@ class Bigram(nn.Module):
 def build_model(config):
     """The model config.model_type names."""
     return Bigram(config) if config.model_type == "bigram" else GPT(config)
+
+
+class Optimizers:
+    """Several optimizers stepped as one (Muon for hidden matrices, AdamW for the rest)."""
+
+    def __init__(self, **optimizers):
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self):
+        return [g for opt in self.optimizers.values() for g in opt.param_groups]
+
+    def step(self):
+        for opt in self.optimizers.values():
+            opt.step()
+
+    def zero_grad(self, set_to_none=True):
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        return {name: opt.state_dict() for name, opt in self.optimizers.items()}
+
+    def load_state_dict(self, state):
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(state[name])
 
 
 def sample_next(logits, temperature=1.0, top_k=None, generator=None):

@@ -90,7 +90,8 @@ def download(url, path, sha256=None, timeout=30):
                                f"try again, or pass --input with a local copy")
         os.replace(tmp, path)
     except requests.RequestException as e:
-        raise DatasetError(f"could not download {url}: {e}; check your connection, "
+        reason = f"HTTP {e.response.status_code}" if e.response is not None else type(e).__name__
+        raise DatasetError(f"could not download {url} ({reason}); check your connection, "
                            f"or pass --input with a local copy of the text") from e
     finally:
         if os.path.exists(tmp):

@@ -51,7 +51,8 @@ class TrainConfig:
     n_embd: int = 384
     dropout: float = 0.2
     bias: bool = False
-    # AdamW
+    # optimizer: AdamW, or Muon for the matrices inside the blocks and AdamW for the rest
+    optimizer: str = "adamw"  # 'adamw' or 'muon' (PyTorch 2.9+)
     learning_rate: float = 1e-3
     max_iters: int = 5000
     weight_decay: float = 0.1
@@ -269,6 +270,11 @@ def check_config(cfg):
         raise ConfigError(f"model_type must be 'gpt' or 'bigram', got '{cfg.model_type}'")
     if cfg.pos_encoding not in ("learned", "sinusoidal", "rope"):
         raise ConfigError(f"pos_encoding must be 'learned', 'sinusoidal' or 'rope', got '{cfg.pos_encoding}'")
+    if cfg.optimizer not in ("adamw", "muon"):
+        raise ConfigError(f"optimizer must be 'adamw' or 'muon', got '{cfg.optimizer}'")
+    if cfg.optimizer == "muon" and not hasattr(torch.optim, "Muon"):
+        raise ConfigError(f"optimizer='muon' needs PyTorch 2.9 or newer (this is {torch.__version__}); "
+                          f"upgrade torch or use --optimizer=adamw")
     if cfg.pos_encoding == "rope" and (cfg.n_embd // cfg.n_head) % 2:
         raise ConfigError(f"rope needs an even head size; n_embd / n_head = {cfg.n_embd // cfg.n_head}")
     if cfg.decay_lr and cfg.lr_decay_iters <= cfg.warmup_iters:
@@ -479,10 +485,14 @@ def train(cfg):
     model.to(device)
     raw_model = model
 
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type)
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type,
+                                           optimizer=cfg.optimizer)
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
     iter_num, best_val_loss = 0, float("inf")
     if cfg.init_from == "resume" and not cfg.eval_only:
+        saved = checkpoint.get("config", {}).get("optimizer", "adamw")
+        if saved != cfg.optimizer:
+            raise ConfigError(f"the checkpoint was trained with optimizer='{saved}'; resume with --optimizer={saved}")
         optimizer.load_state_dict(checkpoint["optimizer"])
         iter_num, best_val_loss = checkpoint["iter_num"], float(checkpoint["best_val_loss"])
         restore_rng(checkpoint.get("rng"), data_rng)

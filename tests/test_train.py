@@ -288,3 +288,15 @@ def test_non_ascii_text_trains(tmp_path):
                       lr_decay_iters=30, warmup_iters=2, eval_interval=30, eval_iters=2, learning_rate=1e-2,
                       device="cpu", dtype="float32")
     assert train(cfg)["val"] < math.log(tok.vocab_size) - 1
+
+
+def test_muon_trains_and_resumes_exactly(tiny_cfg):
+    cfg = dataclasses.replace(tiny_cfg, optimizer="muon", always_save_checkpoint=True, eval_interval=10)
+    straight = train(dataclasses.replace(cfg, out_dir=cfg.out_dir + "-straight"))
+    assert straight["val"] < 3.0
+    ckpt = load_checkpoint(os.path.join(cfg.out_dir + "-straight", "ckpt.pt"))
+    assert set(ckpt["optimizer"]) == {"muon", "adamw"}
+    train(dataclasses.replace(cfg, max_iters=20))
+    with pytest.raises(ConfigError, match="resume with --optimizer=muon"):
+        train(dataclasses.replace(cfg, init_from="resume", optimizer="adamw"))
+    assert train(dataclasses.replace(cfg, init_from="resume")) == straight
