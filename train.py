@@ -489,12 +489,14 @@ def train(cfg):
                                            optimizer=cfg.optimizer)
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
     iter_num, best_val_loss = 0, float("inf")
+    train_seconds = 0.0  # time spent in training steps, evals excluded: what max_seconds budgets
     if cfg.init_from == "resume" and not cfg.eval_only:
         saved = checkpoint.get("config", {}).get("optimizer", "adamw")
         if saved != cfg.optimizer:
             raise ConfigError(f"the checkpoint was trained with optimizer='{saved}'; resume with --optimizer={saved}")
         optimizer.load_state_dict(checkpoint["optimizer"])
         iter_num, best_val_loss = checkpoint["iter_num"], float(checkpoint["best_val_loss"])
+        train_seconds = checkpoint.get("train_seconds", 0.0)
         restore_rng(checkpoint.get("rng"), data_rng)
         if "scaler" in checkpoint:
             scaler.load_state_dict(checkpoint["scaler"])
@@ -524,6 +526,7 @@ def train(cfg):
             "scaler": scaler.state_dict(),
             "model_args": model_args(raw_model.config),
             "iter_num": iter_num,
+            "train_seconds": train_seconds,
             "best_val_loss": best_val_loss,
             "val_loss": val_loss,
             "config": asdict(cfg),
@@ -544,10 +547,13 @@ def train(cfg):
 
     metrics = MetricsLog(os.path.join(cfg.out_dir, "metrics.csv"),
                          resume_from=iter_num if cfg.init_from == "resume" else None) if master else None
-    bar = tqdm(total=cfg.max_iters, initial=iter_num, disable=not master, unit="it", dynamic_ncols=True,
+    # the bar runs over iterations, or over the seconds of a time budget (so that its ETA is right)
+    timed = cfg.max_seconds > 0
+    bar = tqdm(total=cfg.max_seconds if timed else cfg.max_iters, initial=train_seconds if timed else iter_num,
+               unit="s" if timed else "it", bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f}s [{elapsed}<{remaining}{postfix}]"
+               if timed else None, disable=not master, dynamic_ncols=True,
                mininterval=0.5 if sys.stderr.isatty() else 30)  # a log file gets a line every 30 s
     losses = None
-    train_seconds = 0.0  # time spent in training steps, excluding evals, for --max_seconds
     window_start, window_iters = time.perf_counter(), 0
     with StopSignals() as stop:
         while True:
@@ -578,18 +584,19 @@ def train(cfg):
                                   f"{iter_num}; saved {ckpt_path}; continue with --init_from=resume")
 
             t0 = time.perf_counter()
-            if cfg.max_seconds > 0:  # lay the schedule over the time budget instead of iterations
+            if timed:  # lay the schedule over the time budget instead of iterations
                 lr = get_lr(train_seconds / cfg.max_seconds * cfg.lr_decay_iters, cfg)
             else:
                 lr = get_lr(iter_num, cfg)
             loss = train_step(model, optimizer, scaler, next_step_batches(), accum, ctx, cfg.grad_clip, lr)
             iter_num += 1
             window_iters += 1
-            bar.update(1)
             logging = iter_num % cfg.log_interval == 0
-            if logging or cfg.max_seconds > 0:
+            if logging or timed:
                 loss.item()  # wait for the step: the only host-device sync (every step with max_seconds)
-            train_seconds += time.perf_counter() - t0
+            step_seconds = time.perf_counter() - t0
+            train_seconds += step_seconds
+            bar.update(min(step_seconds, cfg.max_seconds - bar.n) if timed else 1)
             if logging:
                 if world_size > 1:
                     torch.distributed.all_reduce(loss)
@@ -598,7 +605,8 @@ def train(cfg):
                     now = time.perf_counter()
                     tok_per_s = window_iters * tokens_per_iter / max(now - window_start, 1e-9)
                     window_start, window_iters = now, 0
-                    bar.set_postfix_str(f"loss {loss.item():.4f}, lr {lr:.2e}, {tok_per_s:,.0f} tok/s", refresh=False)
+                    bar.set_postfix_str(f"{'iter ' + str(iter_num) + ', ' if timed else ''}loss {loss.item():.4f}, "
+                                        f"lr {lr:.2e}, {tok_per_s:,.0f} tok/s", refresh=False)
                     metrics.write(iter=iter_num, kind="log", loss=f"{loss.item():.6f}", lr=f"{lr:.6e}",
                                   tokens=iter_num * tokens_per_iter, elapsed_s=f"{train_seconds:.3f}")
     bar.close()

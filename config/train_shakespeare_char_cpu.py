@@ -17,7 +17,7 @@ n_layer = 4
 n_head = 4
 n_embd = 128
 dropout = 0.0  # 100 seconds is under 4 passes over the data: too short to overfit much
-pos_encoding = 'rope'  # with AdamW: 1.588 vs 1.618 (learned) and 1.676 (sinusoidal) in the same 100 s
+pos_encoding = 'rope'  # AdamW: 1.588 vs 1.618 learned, 1.676 sinusoidal; Muon: 1.543 vs 1.552, 1.579
 
 optimizer = 'muon'  # Muon needs PyTorch 2.9+; with --optimizer=adamw use --batch_size=12 --learning_rate=2e-3
 learning_rate = 3e-3

@@ -300,3 +300,15 @@ def test_muon_trains_and_resumes_exactly(tiny_cfg):
     with pytest.raises(ConfigError, match="resume with --optimizer=muon"):
         train(dataclasses.replace(cfg, init_from="resume", optimizer="adamw"))
     assert train(dataclasses.replace(cfg, init_from="resume")) == straight
+
+
+def test_time_budget_carries_over_on_resume(tiny_cfg):
+    cfg = dataclasses.replace(tiny_cfg, max_iters=10_000_000, max_seconds=0.3, eval_interval=10_000_000,
+                              always_save_checkpoint=True)
+    train(cfg)
+    path = os.path.join(cfg.out_dir, "ckpt.pt")
+    first = load_checkpoint(path)
+    train(dataclasses.replace(cfg, max_seconds=0.6, init_from="resume"))
+    second = load_checkpoint(path)
+    assert 0.3 <= first["train_seconds"] < 0.6 <= second["train_seconds"] < 1.5
+    assert second["iter_num"] > first["iter_num"]
