@@ -146,18 +146,15 @@ def prepare_dataset(dataset=DEFAULT_DATASET, input_path=None, url=SHAKESPEARE_UR
     """Fetch (or copy) the text into data_dir/dataset/input.txt and prepare it; return the tokenizer.
     vocab_from names a prepared dataset whose vocabulary to use (to fine-tune a model trained on it)."""
     out_dir = os.path.join(data_dir, dataset)
+    text_path = os.path.join(out_dir, "input.txt")
     tok = None
     if vocab_from is not None:
         meta = os.path.join(data_dir, vocab_from, "meta.pkl")
         if not os.path.exists(meta):
             raise DatasetError(f"--vocab_from {vocab_from}: {meta} not found; prepare that dataset first")
         tok = CharTokenizer.load(meta)
-    os.makedirs(out_dir, exist_ok=True)
-    text_path = os.path.join(out_dir, "input.txt")
     if input_path is not None:
         text = read_text(input_path)
-        if not (os.path.exists(text_path) and os.path.samefile(input_path, text_path)):
-            _write_atomic(text_path, lambda f: f.write(text.encode("utf-8")))
     else:
         if os.path.exists(text_path):
             if sha256 and sha256_of(text_path) != sha256:
@@ -165,9 +162,12 @@ def prepare_dataset(dataset=DEFAULT_DATASET, input_path=None, url=SHAKESPEARE_UR
                                    f"move it away to download again, or pass --input {text_path}")
             print(f"{text_path} is already there, skipping download")
         else:
+            os.makedirs(out_dir, exist_ok=True)
             download(url, text_path, sha256)
         text = read_text(text_path)
-    tok = prepare(text, out_dir, tok)
+    tok = prepare(text, out_dir, tok)  # checks the text fits the vocabulary before writing anything
+    if input_path is not None and not (os.path.exists(text_path) and os.path.samefile(input_path, text_path)):
+        _write_atomic(text_path, lambda f: f.write(text.encode("utf-8")))
     split = int(len(text) * TRAIN_FRACTION)
     print(f"{out_dir}: vocab size {tok.vocab_size}, {split:,} train tokens, {len(text) - split:,} val tokens")
     return tok

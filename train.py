@@ -467,9 +467,6 @@ def train(cfg):
     dtype = select_dtype(cfg.dtype, device_type)
     ctx = autocast_context(device_type, dtype)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    if master:
-        ensure_writable(cfg.out_dir)
-
     tok = ensure_dataset(cfg, verbose=master) if master else None
     if world_size > 1:
         torch.distributed.barrier()  # rank 0 may have just prepared the data
@@ -482,6 +479,8 @@ def train(cfg):
     if val_tokens <= cfg.block_size:
         raise ConfigError(f"block_size={cfg.block_size} is not smaller than the val split ({val_tokens} tokens); "
                           f"use a smaller --block_size or a longer text")
+    if master and not cfg.eval_only:
+        ensure_writable(cfg.out_dir)  # only now: a run refused above leaves nothing behind
     model.to(device)
     raw_model = model
 
@@ -545,6 +544,7 @@ def train(cfg):
         mine = iter(starts[rank * accum:(rank + 1) * accum])
         return lambda: read_windows(train_path, next(mine), cfg.block_size, device)
 
+    start_iter = iter_num
     metrics = MetricsLog(os.path.join(cfg.out_dir, "metrics.csv"),
                          resume_from=iter_num if cfg.init_from == "resume" else None) if master else None
     # the bar runs over iterations, or over the seconds of a time budget (so that its ETA is right)
@@ -615,6 +615,9 @@ def train(cfg):
         losses["val_full"] = evaluate_split(raw_model, val_path, cfg.block_size, cfg.batch_size, device, ctx)
         print(f"trained {iter_num} iterations in {train_seconds:.1f} s of training time; "
               f"val loss over the whole val split: {losses['val_full']:.4f}")
+        if not os.path.exists(ckpt_path):
+            print(f"no checkpoint written: the val loss never improved on step {start_iter}'s "
+                  f"(--always_save_checkpoint=True keeps the last model anyway)")
         if cfg.plot:
             try:
                 print(f"loss curves drawn in {plot_metrics(cfg.out_dir)}")

@@ -1,10 +1,13 @@
-# Fine-tune the CPU model on Romeo's and Juliet's speeches (see README, "Your own text, and fine-tuning"):
-#   python train.py config/train_shakespeare_char_cpu.py
+# Fine-tune a model pretrained on Tiny Shakespeare without Romeo's and Juliet's speeches, on those
+# speeches alone (README, "Your own text, and fine-tuning"):
+#   awk 'BEGIN { RS = ""; ORS = "\n\n" } !/^(ROMEO|JULIET):/' data/shakespeare_char/input.txt > others.txt
 #   awk 'BEGIN { RS = ""; ORS = "\n\n" } /^(ROMEO|JULIET):/' data/shakespeare_char/input.txt > romeo_juliet.txt
-#   python prepare_shakespeare.py --input romeo_juliet.txt --dataset romeo_juliet --vocab_from shakespeare_char
+#   python prepare_shakespeare.py --input others.txt --dataset shakespeare_others
+#   python prepare_shakespeare.py --input romeo_juliet.txt --dataset romeo_juliet --vocab_from shakespeare_others
+#   python train.py config/train_shakespeare_char_cpu.py --dataset=shakespeare_others --out_dir=out-shakespeare-others
 #   python train.py config/finetune_shakespeare_char.py
 
-init_from = 'out-shakespeare-char-cpu'  # its weights; the model's shape comes from the checkpoint
+init_from = 'out-shakespeare-others'  # its weights; the model's shape comes from the checkpoint
 out_dir = 'out-shakespeare-char-finetune'
 dataset = 'romeo_juliet'
 

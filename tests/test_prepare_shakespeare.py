@@ -127,3 +127,15 @@ def test_existing_input_with_wrong_checksum_is_not_overwritten(server, tmp_path)
     with pytest.raises(DatasetError, match="SHA-256"):
         prepare_dataset("dl", url=f"{server}/input.txt", sha256=GOOD_SHA, data_dir=str(tmp_path))
     assert (out / "input.txt").read_text(encoding="utf-8") == "my own notes"
+
+
+def test_vocab_from_refuses_foreign_characters_and_writes_nothing(tmp_path):
+    prepare("abc abc\n" * 20, str(tmp_path / "base"))
+    src = tmp_path / "new.txt"
+    src.write_text("abc xyz\n" * 20, encoding="utf-8")
+    with pytest.raises(DatasetError, match="characters not in the vocabulary: 'xyz'"):
+        prepare_dataset("new", input_path=str(src), data_dir=str(tmp_path), vocab_from="base")
+    assert not (tmp_path / "new").exists()
+    src.write_text("cab bac\n" * 20, encoding="utf-8")
+    tok = prepare_dataset("new", input_path=str(src), data_dir=str(tmp_path), vocab_from="base")
+    assert tok.stoi == CharTokenizer.load(tmp_path / "base" / "meta.pkl").stoi  # the base's ids, not its own

@@ -312,3 +312,58 @@ def test_time_budget_carries_over_on_resume(tiny_cfg):
     second = load_checkpoint(path)
     assert 0.3 <= first["train_seconds"] < 0.6 <= second["train_seconds"] < 1.5
     assert second["iter_num"] > first["iter_num"]
+
+
+def test_missing_shakespeare_is_prepared_automatically(tiny_cfg, tmp_path, monkeypatch, capsys):
+    import train as train_module
+    from conftest import TINY_TEXT
+    from prepare_shakespeare import prepare
+    calls = []
+
+    def fake_prepare_dataset(dataset, data_dir):  # stands in for the download, which needs the network
+        calls.append((dataset, data_dir))
+        prepare(TINY_TEXT, os.path.join(data_dir, dataset))
+
+    monkeypatch.setattr(train_module, "prepare_dataset", fake_prepare_dataset)
+    cfg = dataclasses.replace(tiny_cfg, dataset="shakespeare_char", data_dir=str(tmp_path / "fresh"), max_iters=5)
+    train(cfg)
+    assert calls == [("shakespeare_char", str(tmp_path / "fresh"))]
+    assert "is not prepared yet: preparing Tiny Shakespeare now" in capsys.readouterr().out
+
+
+def test_dtype_choice_on_cuda_and_cpu(monkeypatch):
+    import train as train_module
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert select_dtype("auto", "cuda") == "bfloat16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert select_dtype("auto", "cuda") == "float16"  # older GPUs: float16 with a GradScaler
+    monkeypatch.setattr(train_module, "cpu_has_native_bf16", lambda: False)
+    assert select_dtype("auto", "cpu") == "float32"
+    monkeypatch.setattr(train_module, "cpu_has_native_bf16", lambda: True)
+    assert select_dtype("auto", "cpu") == "bfloat16"
+
+
+def test_fused_adamw_covers_cuda_and_cpu():
+    from model import fused_adamw_devices
+    assert {"cuda", "cpu"} <= set(fused_adamw_devices())
+
+
+@pytest.mark.parametrize("script, args, message", [
+    ("train.py", ["--batch_size=0"], "error: batch_size must be positive"),
+    ("train.py", ["--block_size=-4"], "error: block_size must be positive"),
+    ("train.py", ["--n_embd=100", "--n_head=3"], "error: n_embd=100 is not divisible by n_head=3"),
+    ("train.py", ["no/such/config.py"], "error: config file 'no/such/config.py' not found"),
+    ("train.py", ["--learning_rate=fast"], "error: learning_rate must be float"),
+    ("train.py", ["--init_from=resume", "--out_dir=nowhere"], "error: no checkpoint at nowhere/ckpt.pt"),
+    ("train.py", ["--eval_only=True", "--out_dir=nowhere"], "error: no checkpoint at nowhere/ckpt.pt"),
+    ("sample.py", ["--out_dir=nowhere"], "error: no checkpoint at nowhere/ckpt.pt"),
+    ("prepare_shakespeare.py", ["--input", "missing.txt"], "error: input text 'missing.txt' not found"),
+])
+def test_bad_input_is_one_line_without_traceback(tiny_data, tmp_path, script, args, message):
+    common = {"train.py": [f"--data_dir={tiny_data}", "--dataset=tiny"], "sample.py": [],
+              "prepare_shakespeare.py": ["--data_dir", str(tiny_data)]}[script]
+    before = sorted(p for p in tmp_path.rglob("*"))
+    r = run_script(script, *args, *common, cwd=str(tmp_path))
+    assert r.returncode in (1, 2) and r.stderr.startswith(message), r.stderr
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert sorted(p for p in tmp_path.rglob("*")) == before  # nothing written
