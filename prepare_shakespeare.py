@@ -18,7 +18,7 @@ import numpy as np
 import requests
 from tqdm import tqdm
 
-from configurator import UserError, run_main
+from configurator import ConfigError, UserError, run_main
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -173,8 +173,13 @@ def prepare_dataset(dataset=DEFAULT_DATASET, input_path=None, url=SHAKESPEARE_UR
     return tok
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit code 2, like the other scripts' config errors
+        raise ConfigError(f"{message}; see python prepare_shakespeare.py --help")
+
+
 def main(argv):
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser = ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--input", help="a local UTF-8 text file to use instead of downloading")
     parser.add_argument("--dataset", default=DEFAULT_DATASET, help="name of the folder under data/ to write")
     parser.add_argument("--url", default=SHAKESPEARE_URL, help="where to download the text from")

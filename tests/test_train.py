@@ -2,6 +2,7 @@ import csv
 import dataclasses
 import math
 import os
+from contextlib import nullcontext
 
 import numpy as np
 import pytest
@@ -358,6 +359,7 @@ def test_fused_adamw_covers_cuda_and_cpu():
     ("train.py", ["--eval_only=True", "--out_dir=nowhere"], "error: no checkpoint at nowhere/ckpt.pt"),
     ("sample.py", ["--out_dir=nowhere"], "error: no checkpoint at nowhere/ckpt.pt"),
     ("prepare_shakespeare.py", ["--input", "missing.txt"], "error: input text 'missing.txt' not found"),
+    ("prepare_shakespeare.py", ["--inptu=x.txt"], "error: unrecognized arguments: --inptu=x.txt; see python"),
 ])
 def test_bad_input_is_one_line_without_traceback(tiny_data, tmp_path, script, args, message):
     common = {"train.py": [f"--data_dir={tiny_data}", "--dataset=tiny"], "sample.py": [],
@@ -367,3 +369,22 @@ def test_bad_input_is_one_line_without_traceback(tiny_data, tmp_path, script, ar
     assert r.returncode in (1, 2) and r.stderr.startswith(message), r.stderr
     assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
     assert sorted(p for p in tmp_path.rglob("*")) == before  # nothing written
+
+
+def test_muon_steps_through_an_enabled_grad_scaler():
+    """float16 training on CUDA puts a GradScaler in front of the optimizer; Muon's pair of
+    optimizers must go through it too (a CPU GradScaler exercises the same code). Scaling by a
+    power of two and unscaling is exact, so the run matches one without a scaler."""
+    from model import GPT, GPTConfig
+    from train import train_step
+    idx = torch.randint(0, 11, (4, 17), generator=torch.Generator().manual_seed(0))
+    runs = []
+    for enabled in (True, False):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(block_size=16, vocab_size=11, n_layer=2, n_head=2, n_embd=16, dropout=0.0))
+        optimizer = model.configure_optimizers(0.0, 3e-3, (0.9, 0.99), "cpu", optimizer="muon")
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, enabled=enabled)
+        runs.append([train_step(model, optimizer, scaler, lambda: (idx[:, :-1], idx[:, 1:]), 1, nullcontext(),
+                                1.0, 3e-3).item() for _ in range(30)])
+    assert runs[0][-1] < 0.8 * runs[0][0]
+    assert runs[0] == pytest.approx(runs[1], rel=1e-4)
