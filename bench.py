@@ -12,7 +12,6 @@ alternating the two so that both see the same machine conditions, and reports th
 
 import copy
 import os
-import resource
 import statistics
 import tempfile
 import time
@@ -80,6 +79,10 @@ def peak_memory_mb(device_type):
     if device_type == "cuda":
         return torch.cuda.max_memory_allocated() / 2 ** 20
     # CPU and MPS: the process's peak resident memory so far (Linux reports KiB, macOS bytes)
+    try:
+        import resource  # not on Windows
+    except ImportError:
+        return float("nan")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2 ** 20 if os.uname().sysname == "Darwin" else peak / 2 ** 10
 
