@@ -31,21 +31,20 @@ class GPTConfig:
     pos_encoding: str = "learned"  # 'learned' (GPT-2, the lecture's), 'sinusoidal' (fixed) or 'rope' (rotary)
 
     def __post_init__(self):
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
+                             f"e.g. n_embd={self.n_head * max(1, round(self.n_embd / self.n_head))}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.model_type not in ("gpt", "bigram"):
             raise ValueError(f"model_type must be 'gpt' or 'bigram', got '{self.model_type}'")
         if self.pos_encoding not in ("learned", "sinusoidal", "rope"):
             raise ValueError(f"pos_encoding must be 'learned', 'sinusoidal' or 'rope', got '{self.pos_encoding}'")
-        if self.pos_encoding == "rope" and (self.n_embd // max(self.n_head, 1)) % 2:
+        if self.pos_encoding == "rope" and (self.n_embd // self.n_head) % 2:
             raise ValueError(f"rope needs an even head size, but n_embd / n_head = {self.n_embd // self.n_head}")
-        if self.n_embd % self.n_head != 0:
-            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
-                             f"pick n_embd as a multiple of n_head")
-        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-
 
 def sinusoidal_table(n_positions, dim):
     """Fixed position encodings of "Attention Is All You Need": (n_positions, dim), sines in the even

@@ -256,27 +256,26 @@ def model_from_checkpoint(checkpoint):
 
 # ----- training
 
+def model_config(cfg, vocab_size):
+    """The GPTConfig that cfg's model settings describe; GPTConfig's checks become ConfigErrors."""
+    args = {k: getattr(cfg, k) for k in GPTConfig.__dataclass_fields__ if k != "vocab_size"}
+    try:
+        return GPTConfig(vocab_size=vocab_size, **args)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def check_config(cfg):
-    for name in ("batch_size", "block_size", "max_iters", "n_layer", "n_head", "n_embd",
-                 "eval_iters", "eval_interval", "log_interval", "gradient_accumulation_steps"):
+    for name in ("batch_size", "max_iters", "eval_iters", "eval_interval", "log_interval",
+                 "gradient_accumulation_steps"):
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"{name} must be positive, got {getattr(cfg, name)}")
-    if cfg.n_embd % cfg.n_head:
-        raise ConfigError(f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}; "
-                          f"e.g. --n_embd={cfg.n_head * max(1, round(cfg.n_embd / cfg.n_head))}")
-    if not 0.0 <= cfg.dropout < 1.0:
-        raise ConfigError(f"dropout must be in [0, 1), got {cfg.dropout}")
-    if cfg.model_type not in ("gpt", "bigram"):
-        raise ConfigError(f"model_type must be 'gpt' or 'bigram', got '{cfg.model_type}'")
-    if cfg.pos_encoding not in ("learned", "sinusoidal", "rope"):
-        raise ConfigError(f"pos_encoding must be 'learned', 'sinusoidal' or 'rope', got '{cfg.pos_encoding}'")
+    model_config(cfg, vocab_size=1)  # the model's own settings, checked where the model defines them
     if cfg.optimizer not in ("adamw", "muon"):
         raise ConfigError(f"optimizer must be 'adamw' or 'muon', got '{cfg.optimizer}'")
     if cfg.optimizer == "muon" and not hasattr(torch.optim, "Muon"):
         raise ConfigError(f"optimizer='muon' needs PyTorch 2.9 or newer (this is {torch.__version__}); "
                           f"upgrade torch or use --optimizer=adamw")
-    if cfg.pos_encoding == "rope" and (cfg.n_embd // cfg.n_head) % 2:
-        raise ConfigError(f"rope needs an even head size; n_embd / n_head = {cfg.n_embd // cfg.n_head}")
     if cfg.decay_lr and cfg.lr_decay_iters <= cfg.warmup_iters:
         raise ConfigError(f"lr_decay_iters={cfg.lr_decay_iters} must exceed warmup_iters={cfg.warmup_iters}")
     if cfg.max_seconds < 0:
@@ -424,8 +423,7 @@ class MetricsLog:
 def init_model(cfg, tok, device):
     """The model to train and the checkpoint it came from (None when training from scratch)."""
     if cfg.init_from == "scratch" and not cfg.eval_only:
-        args = {k: getattr(cfg, k) for k in MODEL_ARGS + ("model_type", "pos_encoding") if k != "vocab_size"}
-        return build_model(GPTConfig(vocab_size=tok.vocab_size, **args)), None
+        return build_model(model_config(cfg, tok.vocab_size)), None
     if cfg.init_from in ("scratch", "resume"):  # eval_only evaluates the run's own checkpoint
         path, hint = os.path.join(cfg.out_dir, "ckpt.pt"), "; train one first, or use --init_from=scratch"
     else:  # fine-tuning: a checkpoint file or the out_dir that holds one
