@@ -51,6 +51,11 @@ class CharTokenizer:
     def vocab_size(self):
         return len(self.itos)
 
+    @property
+    def chars(self):
+        """The vocabulary as one string, in id order."""
+        return self.decode(range(self.vocab_size))
+
     def encode(self, text):
         unknown = sorted(set(text) - self.stoi.keys())
         if unknown:

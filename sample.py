@@ -13,7 +13,8 @@ import torch
 
 from configurator import UserError, configure, run_main
 from prepare_shakespeare import CharTokenizer
-from train import CheckpointError, load_checkpoint, model_from_checkpoint, select_device, select_dtype
+from train import (CheckpointError, load_checkpoint, model_from_checkpoint, same_vocabulary, select_device,
+                   select_dtype)
 
 
 @dataclass
@@ -44,9 +45,10 @@ def load_model_and_tokenizer(cfg, device):
         raise CheckpointError(f"{meta_path} (the vocabulary of the checkpoint's dataset) is missing; "
                               f"prepare that dataset again with prepare_shakespeare.py")
     tok = CharTokenizer.load(meta_path)
-    if tok.vocab_size != model.config.vocab_size:
-        raise CheckpointError(f"{meta_path} has {tok.vocab_size} characters but the checkpoint's model has "
-                              f"{model.config.vocab_size}; the dataset was re-prepared from another text")
+    if not same_vocabulary(checkpoint, tok):
+        raise CheckpointError(f"{meta_path} is not the vocabulary the checkpoint was trained with ({tok.vocab_size} "
+                              f"characters; the checkpoint's model has {model.config.vocab_size}); the dataset was "
+                              f"re-prepared from another text")
     return model, tok
 
 

@@ -240,6 +240,13 @@ def load_checkpoint(path, device="cpu", hint=""):
     return checkpoint
 
 
+def same_vocabulary(checkpoint, tok):
+    """Whether tok is the vocabulary the checkpoint's model was trained with: the same characters
+    where the checkpoint records them (ours do), the same size where it does not (nanoGPT's)."""
+    vocab = checkpoint.get("vocab")
+    return checkpoint["model_args"]["vocab_size"] == tok.vocab_size and vocab in (None, tok.chars)
+
+
 def model_from_checkpoint(checkpoint):
     """Build the GPT a checkpoint describes and load its weights (compiled models' keys work too)."""
     args = {k: v for k, v in checkpoint["model_args"].items() if k in GPTConfig.__dataclass_fields__}
@@ -325,20 +332,18 @@ def estimate_loss(model, cfg, device, ctx, rank=0, world_size=1):
 @torch.no_grad()
 def evaluate_split(model, path, block_size, batch_size, device, ctx):
     """Mean loss over the whole token file, read as consecutive non-overlapping windows."""
-    data = np.memmap(path, dtype=np.uint16, mode="r")
-    n_windows = (len(data) - 1) // block_size
+    n_windows = (os.path.getsize(path) // 2 - 1) // block_size
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    total = 0.0
     for start in range(0, n_windows, batch_size):
-        rows = np.arange(start, min(start + batch_size, n_windows))[:, None] * block_size
-        windows = torch.from_numpy(data[rows + np.arange(block_size + 1)].astype(np.int64)).to(device)
+        starts = np.arange(start, min(start + batch_size, n_windows)) * block_size
+        x, y = read_windows(path, starts, block_size, device)
         with ctx:
-            _, loss = model(windows[:, :-1], windows[:, 1:])
-        total += loss.item() * len(rows)
-        count += len(rows)
+            _, loss = model(x, y)
+        total += loss.item() * len(starts)
     model.train(was_training)
-    return total / count
+    return total / n_windows
 
 
 def train_step(model, optimizer, scaler, next_batch, accum_steps, ctx, grad_clip, lr):
@@ -431,8 +436,7 @@ def init_model(cfg, tok, device):
         hint = "; init_from takes 'scratch', 'resume', a ckpt.pt file or an out_dir holding one"
     checkpoint = load_checkpoint(path, device, hint=hint)
     model = model_from_checkpoint(checkpoint)
-    vocab = checkpoint.get("vocab")  # the characters, in our checkpoints; nanoGPT's have only the size
-    if model.config.vocab_size != tok.vocab_size or (vocab is not None and vocab != tok.decode(range(tok.vocab_size))):
+    if not same_vocabulary(checkpoint, tok):
         raise CheckpointError(f"{path} was trained with another vocabulary than dataset '{cfg.dataset}' has "
                               f"({model.config.vocab_size} vs {tok.vocab_size} characters); prepare the dataset "
                               f"with --vocab_from set to the checkpoint's dataset")
@@ -527,7 +531,7 @@ def train(cfg):
             "best_val_loss": best_val_loss,
             "val_loss": val_loss,
             "config": asdict(cfg),
-            "vocab": tok.decode(range(tok.vocab_size)),
+            "vocab": tok.chars,
             "rng": capture_rng(data_rng),
         }, ckpt_path)
 
