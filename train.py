@@ -330,20 +330,23 @@ def estimate_loss(model, cfg, device, ctx, rank=0, world_size=1):
 
 
 @torch.no_grad()
-def evaluate_split(model, path, block_size, batch_size, device, ctx):
-    """Mean loss over the whole token file, read as consecutive non-overlapping windows."""
+def evaluate_split(model, path, block_size, batch_size, device, ctx, rank=0, world_size=1):
+    """Mean loss over the whole token file, read as consecutive non-overlapping windows; under
+    torchrun the processes take turns at the batches and add up their sums."""
     n_windows = (os.path.getsize(path) // 2 - 1) // block_size
     was_training = model.training
     model.eval()
-    total = 0.0
-    for start in range(0, n_windows, batch_size):
+    total = torch.zeros((), device=device)
+    for start in range(rank * batch_size, n_windows, world_size * batch_size):
         starts = np.arange(start, min(start + batch_size, n_windows)) * block_size
         x, y = read_windows(path, starts, block_size, device)
         with ctx:
             _, loss = model(x, y)
-        total += loss.item() * len(starts)
+        total += loss.float() * len(starts)
+    if world_size > 1:
+        torch.distributed.all_reduce(total)
     model.train(was_training)
-    return total / n_windows
+    return total.item() / n_windows
 
 
 def train_step(model, optimizer, scaler, next_batch, accum_steps, ctx, grad_clip, lr):
@@ -612,9 +615,10 @@ def train(cfg):
                     metrics.write(iter=iter_num, kind="log", loss=f"{loss.item():.6f}", lr=f"{lr:.6e}",
                                   tokens=iter_num * tokens_per_iter, elapsed_s=f"{train_seconds:.3f}")
     bar.close()
+    val_path = os.path.join(dataset_dir(cfg), "val.bin")
+    losses["val_full"] = evaluate_split(raw_model, val_path, cfg.block_size, cfg.batch_size, device, ctx,
+                                        rank, world_size)
     if master:
-        val_path = os.path.join(dataset_dir(cfg), "val.bin")
-        losses["val_full"] = evaluate_split(raw_model, val_path, cfg.block_size, cfg.batch_size, device, ctx)
         print(f"trained {iter_num} iterations in {train_seconds:.1f} s of training time; "
               f"val loss over the whole val split: {losses['val_full']:.4f}")
         if not os.path.exists(ckpt_path):
@@ -626,6 +630,8 @@ def train(cfg):
             except UserError as e:
                 print(f"warning: {e}", file=sys.stderr)
     if world_size > 1:
+        # leave together: a process that exits while another still talks to it makes gloo abort
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return losses
 
