@@ -45,24 +45,25 @@ class BenchConfig:
     seed: int = 1337
 
 
-def synchronize(device_type):
-    if device_type == "cuda":
-        torch.cuda.synchronize()
-    elif device_type == "mps":
+def synchronize(device):
+    """Wait for the device to finish its queued work (the device itself: cuda:1 is not cuda:0)."""
+    kind = torch.device(device).type
+    if kind == "cuda":
+        torch.cuda.synchronize(device)
+    elif kind == "mps":
         torch.mps.synchronize()
 
 
 def matmul_peak_flops(device, dtype, n=2048, repeats=10):
     """FLOP/s of an n x n matmul in dtype on this device: the peak MFU is measured against."""
-    device_type = torch.device(device).type
     a = torch.randn(n, n, device=device, dtype=getattr(torch, dtype))
     b = torch.randn(n, n, device=device, dtype=getattr(torch, dtype))
     times = []
     for _ in range(repeats + 2):
-        synchronize(device_type)
+        synchronize(device)
         t0 = time.perf_counter()
         a @ b
-        synchronize(device_type)
+        synchronize(device)
         times.append(time.perf_counter() - t0)
     return 2 * n ** 3 / min(times[2:])  # the best run: a peak
 
@@ -75,9 +76,13 @@ def flops_per_iter(model, batch_size):
     return flops_per_token * cfg.block_size * batch_size
 
 
-def peak_memory_mb(device_type):
-    if device_type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2 ** 20
+def tensor_mb(tensors):
+    return sum(t.numel() * t.element_size() for t in tensors) / 2 ** 20
+
+
+def peak_memory_mb(device):
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
     # CPU and MPS: the process's peak resident memory so far (Linux reports KiB, macOS bytes)
     try:
         import resource  # not on Windows
@@ -106,8 +111,13 @@ class Variant:
         self.step_times, self.sample_rates = [], []
         self.peak_mb = 0.0
 
+    def resident_mb(self):
+        """Memory this variant holds between steps: weights and optimizer state."""
+        state = [t for s in self.optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+        return tensor_mb(list(self.model.parameters()) + state)
+
     def time_steps(self, steps):
-        synchronize(self.device_type)
+        synchronize(self.device)
         t0 = time.perf_counter()
         for _ in range(steps):
             loss = train_step(self.step_model, self.optimizer, self.scaler, self.next_batch, 1, self.ctx, 1.0, 1e-3)
@@ -118,17 +128,17 @@ class Variant:
         # as sample.py does it: weights stored in the sampling dtype
         model = copy.deepcopy(self.model).eval().to(dtype=getattr(torch, self.dtype))
         idx = torch.zeros((1, 1), dtype=torch.long, device=self.device)
-        synchronize(self.device_type)
+        synchronize(self.device)
         t0 = time.perf_counter()
         model.generate(idx, new_tokens, temperature=1.0, top_k=None, use_cache=self.use_cache)
-        synchronize(self.device_type)
+        synchronize(self.device)
         self.sample_rates.append(new_tokens / (time.perf_counter() - t0))
 
 
 def bench(cfg):
     device = select_device(cfg.device)
     device_type = torch.device(device).type
-    dtype = select_dtype(cfg.dtype, device_type)
+    dtype = select_dtype(cfg.dtype, device)
     with tempfile.TemporaryDirectory() as tmp:
         data_path = os.path.join(tmp, "tokens.bin")
         np.random.default_rng(0).integers(0, cfg.vocab_size, 200_000, dtype=np.uint16).tofile(data_path)
@@ -142,9 +152,11 @@ def bench(cfg):
         for _ in range(cfg.rounds):
             for v in variants:
                 if device_type == "cuda":
-                    torch.cuda.reset_peak_memory_stats()
+                    torch.cuda.reset_peak_memory_stats(device)
                 v.time_steps(cfg.steps)
-                v.peak_mb = max(v.peak_mb, peak_memory_mb(device_type))
+                # on CUDA the peak includes the other variants' weights and optimizer state: take them off
+                others = sum(w.resident_mb() for w in variants if w is not v) if device_type == "cuda" else 0.0
+                v.peak_mb = max(v.peak_mb, peak_memory_mb(device) - others)
         for _ in range(cfg.rounds):
             for v in variants:
                 v.time_sampling(cfg.sample_tokens)

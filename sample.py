@@ -65,7 +65,7 @@ def read_start(start):
 def sample(cfg, out=sys.stdout):
     """Print cfg.num_samples samples, separated by a line of dashes; one sample streams as it is made."""
     device = select_device(cfg.device)
-    dtype = select_dtype(cfg.dtype, torch.device(device).type)
+    dtype = select_dtype(cfg.dtype, device)
     torch.manual_seed(cfg.seed)
     model, tok = load_model_and_tokenizer(cfg, device)
     # Sampling one sequence reads every weight per new token, so it is bound by memory bandwidth:

@@ -10,6 +10,7 @@ selection, batching and checkpoint save/load, which sample.py and bench.py use.
 """
 
 import csv
+import functools
 import math
 import os
 import signal
@@ -90,47 +91,79 @@ def model_args(config):
 # ----- device and precision (used by train.py, sample.py and bench.py)
 
 def select_device(device="auto"):
-    """'auto' is CUDA if there is a GPU, else Apple's MPS, else the CPU."""
+    """'auto' is CUDA if there is a GPU, else Apple's MPS, else the CPU. On CUDA, float32 matmuls may
+    use TF32 tensor cores (Ampere and newer), as nanoGPT allows: 10 bits of mantissa are plenty here."""
     if device == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        if torch.backends.mps.is_available():
-            return "mps"
-        return "cpu"
-    kind = device.split(":")[0]
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    kind, _, index = device.partition(":")
+    if kind not in ("cpu", "cuda", "mps") or (index and not (kind == "cuda" and index.isdigit())):
+        raise ConfigError(f"unknown device '{device}'; use auto, cpu, cuda, cuda:N or mps")
     if kind == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device={device} but this PyTorch sees no CUDA GPU; use --device=cpu or --device=auto")
+    if kind == "cuda" and index and int(index) >= torch.cuda.device_count():
+        raise ConfigError(f"device={device} but this machine has {torch.cuda.device_count()} CUDA GPU(s); "
+                          f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     if kind == "mps" and not torch.backends.mps.is_available():
         raise ConfigError(f"device={device} but MPS is not available here; use --device=cpu or --device=auto")
-    if kind not in ("cpu", "cuda", "mps"):
-        raise ConfigError(f"unknown device '{device}'; use auto, cpu, cuda, cuda:N or mps")
+    if kind == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     return device
 
 
-def cpu_has_native_bf16():
-    """True on x86 CPUs with AVX512-BF16 or AMX, where bfloat16 matmuls beat float32 several times."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+@functools.lru_cache(maxsize=None)
+def cpu_bf16_speedup(n=256, repeats=3):
+    """How many times faster an n x n bfloat16 matmul runs than a float32 one on this CPU (best of
+    `repeats`). CPUs with native bf16 (AVX512-BF16, AMX, ARM's BF16) give 1.5-4x; elsewhere bf16 is
+    emulated and about 100x slower. Measuring works on every OS and architecture (no CPU flag names
+    to know) and costs a few milliseconds, about 50 where bf16 is emulated."""
+    times = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        a @ b  # the first call may set up kernels
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - t0)
+        times[dtype] = best
+    return times[torch.float32] / times[torch.bfloat16]
 
 
-def select_dtype(dtype, device_type):
-    """'auto': bfloat16 on CUDA GPUs that support it (float16 on older ones) and on CPUs with native
-    bfloat16 instructions; float32 elsewhere (MPS, other CPUs)."""
+def bf16_is_native(device):
+    """Whether bfloat16 matmuls run natively (fast) on device: CUDA GPUs of compute capability 8.0
+    (Ampere) and newer, and AMD GPUs; CPUs where a measured bf16 matmul beats float32; not MPS.
+    torch.cuda.is_bf16_supported() is no guide: it is also True where bf16 is emulated (T4, V100)."""
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return bool(torch.version.hip) or torch.cuda.get_device_capability(device) >= (8, 0)
+    if kind == "cpu":
+        return cpu_bf16_speedup() > 1.0
+    return False
+
+
+def select_dtype(dtype, device):
+    """'auto': bfloat16 where bf16 matmuls are native (recent GPUs, CPUs with bf16 instructions),
+    float16 on older CUDA GPUs (with a GradScaler), float32 elsewhere (MPS, other CPUs)."""
+    kind = torch.device(device).type
     if dtype == "auto":
-        if device_type == "cuda":
-            return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-        if device_type == "cpu" and cpu_has_native_bf16():
+        if bf16_is_native(device):
             return "bfloat16"
-        return "float32"
+        return "float16" if kind == "cuda" else "float32"
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"unknown dtype '{dtype}'; use auto, float32, bfloat16 or float16")
-    if dtype == "float16" and device_type == "cpu":
+    if dtype == "float16" and kind == "cpu":
         raise ConfigError("float16 autocast is for GPUs; on CPU use --dtype=bfloat16 or --dtype=float32")
     return dtype
+
+
+def describe_dtype(requested, dtype, device):
+    """The dtype and why, for the start-up line."""
+    if requested != "auto":
+        return f"{dtype} (asked for)"
+    if torch.device(device).type == "cpu":
+        return f"{dtype} (auto: bf16 matmuls run {cpu_bf16_speedup():.2g}x float32 on this CPU)"
+    return f"{dtype} (auto: bf16 {'native' if bf16_is_native(device) else 'not native'} on {device})"
 
 
 def autocast_context(device_type, dtype):
@@ -280,9 +313,6 @@ def check_config(cfg):
     model_config(cfg, vocab_size=1)  # the model's own settings, checked where the model defines them
     if cfg.optimizer not in ("adamw", "muon"):
         raise ConfigError(f"optimizer must be 'adamw' or 'muon', got '{cfg.optimizer}'")
-    if cfg.optimizer == "muon" and not hasattr(torch.optim, "Muon"):
-        raise ConfigError(f"optimizer='muon' needs PyTorch 2.9 or newer (this is {torch.__version__}); "
-                          f"upgrade torch or use --optimizer=adamw")
     if cfg.decay_lr and cfg.lr_decay_iters <= cfg.warmup_iters:
         raise ConfigError(f"lr_decay_iters={cfg.lr_decay_iters} must exceed warmup_iters={cfg.warmup_iters}")
     if cfg.max_seconds < 0:
@@ -295,9 +325,13 @@ def setup_distributed(cfg):
         return 0, 0, 1
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     world_size = int(os.environ["WORLD_SIZE"])
+    device_type = torch.device(select_device(cfg.device)).type
+    if device_type == "mps":
+        raise ConfigError("torchrun can't train on MPS: no torch.distributed backend moves MPS tensors; "
+                          "run one process, or several on the CPU with --device=cpu")
     backend = cfg.backend
     if backend == "auto":
-        backend = "nccl" if select_device(cfg.device).startswith("cuda") else "gloo"
+        backend = "nccl" if device_type == "cuda" else "gloo"
     torch.distributed.init_process_group(backend=backend)
     if cfg.gradient_accumulation_steps % world_size:
         raise ConfigError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} must be a multiple "
@@ -389,15 +423,18 @@ class Interrupted(UserError):
 
 class StopSignals:
     """Within this context SIGINT (Ctrl-C) and SIGTERM set .received instead of killing the process,
-    so the loop can finish its step and save; a second signal stops at once."""
+    so the loop can finish its step and save. A second Ctrl-C stops at once; more SIGTERMs change
+    nothing, because torchrun forwards the one it gets and schedulers (SLURM) often signal every
+    process as well: a process may see two for one request to stop."""
 
     def __init__(self):
         self.received = None
 
     def _handle(self, signum, frame):
-        if self.received is not None:
+        if self.received is None:
+            self.received = signal.Signals(signum).name
+        elif signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.received = signal.Signals(signum).name
 
     def __enter__(self):
         self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -459,6 +496,18 @@ def init_model(cfg, tok, device):
     return model, checkpoint
 
 
+def restore_training_state(checkpoint, cfg, optimizer, scaler, data_rng, device, rank=0):
+    """Load what --init_from=resume continues from; returns (iter_num, best_val_loss, train_seconds)."""
+    saved = checkpoint.get("config", {}).get("optimizer", "adamw")
+    if saved != cfg.optimizer:
+        raise ConfigError(f"the checkpoint was trained with optimizer='{saved}'; resume with --optimizer={saved}")
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    restore_rng(checkpoint.get("rng"), data_rng, device, rank)
+    if scaler.is_enabled() and checkpoint.get("scaler"):  # empty when the run that saved it had no scaler
+        scaler.load_state_dict(checkpoint["scaler"])
+    return checkpoint["iter_num"], float(checkpoint["best_val_loss"]), checkpoint.get("train_seconds", 0.0)
+
+
 def train(cfg):
     """Run the training recipe cfg describes; return the last evaluation's losses."""
     check_config(cfg)
@@ -469,7 +518,7 @@ def train(cfg):
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
     device_type = torch.device(device).type
-    dtype = select_dtype(cfg.dtype, device_type)
+    dtype = select_dtype(cfg.dtype, device)
     ctx = autocast_context(device_type, dtype)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     tok = ensure_dataset(cfg, verbose=master) if master else None
@@ -490,32 +539,29 @@ def train(cfg):
     raw_model = model
 
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type,
-                                           optimizer=cfg.optimizer)
+                                           optimizer=cfg.optimizer,
+                                           muon_dtype=torch.bfloat16 if bf16_is_native(device) else torch.float32)
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
-    iter_num, best_val_loss = 0, float("inf")
-    train_seconds = 0.0  # time spent in training steps, evals excluded: what max_seconds budgets
+    # train_seconds: time spent in training steps, evals excluded: what max_seconds budgets
+    iter_num, best_val_loss, train_seconds = 0, float("inf"), 0.0
     if cfg.init_from == "resume" and not cfg.eval_only:
-        saved = checkpoint.get("config", {}).get("optimizer", "adamw")
-        if saved != cfg.optimizer:
-            raise ConfigError(f"the checkpoint was trained with optimizer='{saved}'; resume with --optimizer={saved}")
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        iter_num, best_val_loss = checkpoint["iter_num"], float(checkpoint["best_val_loss"])
-        train_seconds = checkpoint.get("train_seconds", 0.0)
-        restore_rng(checkpoint.get("rng"), data_rng)
-        if "scaler" in checkpoint:
-            scaler.load_state_dict(checkpoint["scaler"])
+        iter_num, best_val_loss, train_seconds = restore_training_state(checkpoint, cfg, optimizer, scaler, data_rng,
+                                                                        device, rank)
     checkpoint = None  # free its memory
 
     if cfg.compile:
         model = torch.compile(model)
     if world_size > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device_type == "cuda" else None)
+        # no buffers to broadcast: rope and sinusoid tables are the same everywhere, and a broadcast in
+        # forward would hang an eval where some process has no batch to run
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device_type == "cuda" else None,
+                                                          broadcast_buffers=False)
 
     accum = cfg.gradient_accumulation_steps // world_size
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
     if master:
         print(f"parameters: {raw_model.get_num_params() / 1e6:.2f}M | tokens per iteration: {tokens_per_iter:,} | "
-              f"device: {device} | dtype: {dtype}" + (f" | processes: {world_size}" if world_size > 1 else ""))
+              f"device: {device} | dtype: {describe_dtype(cfg.dtype, dtype, device)}" + (f" | processes: {world_size}" if world_size > 1 else ""))
 
     if cfg.eval_only:
         losses = estimate_loss(model, cfg, device, ctx, rank, world_size)
@@ -524,19 +570,24 @@ def train(cfg):
         return losses
 
     def save(val_loss):
-        save_checkpoint({
-            "model": raw_model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict(),
-            "model_args": model_args(raw_model.config),
-            "iter_num": iter_num,
-            "train_seconds": train_seconds,
-            "best_val_loss": best_val_loss,
-            "val_loss": val_loss,
-            "config": asdict(cfg),
-            "vocab": tok.chars,
-            "rng": capture_rng(data_rng),
-        }, ckpt_path)
+        """Every process calls this: each contributes its random state; rank 0 writes."""
+        rng = gather_from_all(capture_rng(data_rng, device), world_size)
+        if master:
+            save_checkpoint({
+                "model": raw_model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(),
+                "model_args": model_args(raw_model.config),
+                "iter_num": iter_num,
+                "train_seconds": train_seconds,
+                "best_val_loss": best_val_loss,
+                "val_loss": val_loss,
+                "config": asdict(cfg),
+                "vocab": tok.chars,
+                "rng": rng,  # one entry per process: each has its own dropout stream
+            }, ckpt_path)
+        if world_size > 1:
+            torch.distributed.barrier()  # no process leaves (or is killed by torchrun) while rank 0 saves
 
     train_path = os.path.join(dataset_dir(cfg), "train.bin")
     n_train = os.path.getsize(train_path) // 2
@@ -562,29 +613,27 @@ def train(cfg):
     window_start, window_iters = time.perf_counter(), 0
     with StopSignals() as stop:
         while True:
-            # Under torchrun the processes must agree on when to stop: they vote at log steps.
-            vote = world_size == 1 or iter_num % cfg.log_interval == 0
-            out_of_time = vote and any_process(cfg.max_seconds > 0 and train_seconds >= cfg.max_seconds,
-                                               world_size, device)
-            done = iter_num >= cfg.max_iters or out_of_time
+            # every process holds the same train_seconds (rank 0's clock), so they agree on the end
+            done = iter_num >= cfg.max_iters or (timed and train_seconds >= cfg.max_seconds)
             if iter_num % cfg.eval_interval == 0 or done:
-                losses = estimate_loss(model, cfg, device, ctx, rank, world_size)
+                losses = estimate_loss(model, cfg, device, ctx, rank, world_size)  # the same on every process
                 if master:
                     bar.write(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
                     metrics.write(iter=iter_num, kind="eval", train_loss=f"{losses['train']:.6f}",
                                   val_loss=f"{losses['val']:.6f}", tokens=iter_num * tokens_per_iter,
                                   elapsed_s=f"{train_seconds:.3f}")
-                    improved = losses["val"] < best_val_loss
-                    best_val_loss = min(best_val_loss, losses["val"])
-                    if iter_num > 0 and (improved or cfg.always_save_checkpoint):
-                        save(losses["val"])
+                improved = losses["val"] < best_val_loss
+                best_val_loss = min(best_val_loss, losses["val"])
+                if iter_num > 0 and (improved or cfg.always_save_checkpoint):
+                    save(losses["val"])
                 window_start, window_iters = time.perf_counter(), 0  # eval time is not training time
             if done:
                 break
+            # Under torchrun a signal may reach some processes only: they vote at log steps.
+            vote = world_size == 1 or iter_num % cfg.log_interval == 0
             if vote and any_process(stop.received is not None, world_size, device):
-                if master:
-                    save(None)
-                    bar.close()
+                save(None)
+                bar.close()
                 raise Interrupted(f"stopped by {stop.received or 'a signal to another process'} after iteration "
                                   f"{iter_num}; saved {ckpt_path}; continue with --init_from=resume")
 
@@ -600,7 +649,12 @@ def train(cfg):
             if logging or timed:
                 loss.item()  # wait for the step: the only host-device sync (every step with max_seconds)
             step_seconds = time.perf_counter() - t0
+            if cfg.compile and iter_num == start_iter + 1:  # this step compiled the model: not training time
+                bar.write(f"compiled in {step_seconds:.1f} s (not counted as training time)")
+                step_seconds = 0.0
             train_seconds += step_seconds
+            if timed and world_size > 1:
+                train_seconds = from_rank0(train_seconds, device)  # one clock, so one learning rate for all
             bar.update(min(step_seconds, cfg.max_seconds - bar.n) if timed else 1)
             if logging:
                 if world_size > 1:
@@ -615,6 +669,8 @@ def train(cfg):
                     metrics.write(iter=iter_num, kind="log", loss=f"{loss.item():.6f}", lr=f"{lr:.6e}",
                                   tokens=iter_num * tokens_per_iter, elapsed_s=f"{train_seconds:.3f}")
     bar.close()
+    if world_size > 1:
+        check_replicas_agree(raw_model, device)
     val_path = os.path.join(dataset_dir(cfg), "val.bin")
     losses["val_full"] = evaluate_split(raw_model, val_path, cfg.block_size, cfg.batch_size, device, ctx,
                                         rank, world_size)
@@ -672,20 +728,63 @@ def any_process(flag, world_size, device):
     return bool(t.item())
 
 
-def capture_rng(data_rng):
+def check_replicas_agree(model, device):
+    """Data-parallel processes must end with the same weights; if not, they trained apart."""
+    fingerprint = sum(p.detach().double().sum() for p in model.parameters())
+    spread = torch.stack([fingerprint, -fingerprint]).to(device)
+    torch.distributed.all_reduce(spread, op=torch.distributed.ReduceOp.MAX)  # max and -min
+    if spread.sum().item() != 0.0:
+        raise RuntimeError("the processes ended with different weights: their replicas drifted apart")
+
+
+def from_rank0(value, device):
+    """Rank 0's value of a float, in every process (all processes must call this together)."""
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    torch.distributed.broadcast(t, src=0)
+    return t.item()
+
+
+def gather_from_all(obj, world_size):
+    """[obj of rank 0, obj of rank 1, ...] (all processes must call this together)."""
+    if world_size == 1:
+        return [obj]
+    objs = [None] * world_size
+    torch.distributed.all_gather_object(objs, obj)
+    return objs
+
+
+def capture_rng(data_rng, device):
+    """This process's random state: its torch generators (dropout) and the batch sampler's."""
     state = {"torch": torch.get_rng_state(), "data": data_rng.bit_generator.state}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    kind = torch.device(device).type
+    if kind == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    elif kind == "mps":
+        state["mps"] = torch.mps.get_rng_state()
     return state
 
 
-def restore_rng(state, data_rng):
-    if not state:
-        return  # a nanoGPT checkpoint: no RNG state to restore
+def restore_rng(saved, data_rng, device, rank=0):
+    """Restore this process's random state from a checkpoint's: one entry per process that saved it
+    (a dict, with every visible GPU's CUDA state, in checkpoints before per-process states). With
+    more processes than saved, the extra ones keep their fresh seeds; the batches stay exact."""
+    if not saved:
+        return  # a nanoGPT checkpoint: no random state to restore
+    states = [saved] if isinstance(saved, dict) else saved
+    data_rng.bit_generator.state = states[0]["data"]  # the sampler is shared by all processes
+    if rank >= len(states):
+        return
+    state = states[rank]
     torch.set_rng_state(state["torch"].cpu())
-    data_rng.bit_generator.state = state["data"]
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    device = torch.device(device)
+    cuda = state.get("cuda")
+    if isinstance(cuda, (list, tuple)):  # older checkpoints: the state of every GPU rank 0 saw
+        index = device.index if device.index is not None else 0
+        cuda = cuda[index] if device.type == "cuda" and index < len(cuda) else None
+    if device.type == "cuda" and cuda is not None:
+        torch.cuda.set_rng_state(cuda.cpu(), device)
+    if device.type == "mps" and "mps" in state:
+        torch.mps.set_rng_state(state["mps"].cpu())
 
 
 def main(argv):

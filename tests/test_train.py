@@ -2,6 +2,7 @@ import csv
 import dataclasses
 import math
 import os
+import time
 from contextlib import nullcontext
 
 import numpy as np
@@ -10,6 +11,7 @@ import torch
 
 from configurator import ConfigError, UserError
 from conftest import run_script
+from model import GPT, GPTConfig
 from train import (CheckpointError, TrainConfig, get_batch, get_lr, load_checkpoint, model_from_checkpoint,
                    save_checkpoint, select_dtype, train)
 
@@ -334,14 +336,42 @@ def test_missing_shakespeare_is_prepared_automatically(tiny_cfg, tmp_path, monke
 
 def test_dtype_choice_on_cuda_and_cpu(monkeypatch):
     import train as train_module
+    # PyTorch calls bf16 "supported" on T4 / V100 / RTX 20xx, where it is emulated: those get float16
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert select_dtype("auto", "cuda") == "bfloat16"
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    assert select_dtype("auto", "cuda") == "float16"  # older GPUs: float16 with a GradScaler
-    monkeypatch.setattr(train_module, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    assert select_dtype("auto", "cuda") == "float16"  # with a GradScaler
+    assert select_dtype("auto", "cuda:1") == "float16"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert select_dtype("auto", "cuda") == "bfloat16"  # A100 and newer
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 4))
+    monkeypatch.setattr(torch.version, "hip", "6.2")
+    assert select_dtype("auto", "cuda") == "bfloat16"  # AMD Instinct
+    # CPUs: by a measured bf16 / float32 matmul speed ratio
+    monkeypatch.setattr(train_module, "cpu_bf16_speedup", lambda: 0.01)  # emulated: 100x slower
     assert select_dtype("auto", "cpu") == "float32"
-    monkeypatch.setattr(train_module, "cpu_has_native_bf16", lambda: True)
+    assert "0.01x float32" in train_module.describe_dtype("auto", "float32", "cpu")
+    monkeypatch.setattr(train_module, "cpu_bf16_speedup", lambda: 2.1)  # AVX512-BF16, AMX, ARM BF16
     assert select_dtype("auto", "cpu") == "bfloat16"
+    assert select_dtype("auto", "mps") == "float32"
+
+
+def test_cpu_bf16_probe_is_quick_and_agrees_with_a_matmul_timing():
+    import time
+    import train as train_module
+    train_module.cpu_bf16_speedup.cache_clear()
+    speedup = train_module.cpu_bf16_speedup()
+    # independently: a bigger matmul shows the same side of 1 (native bf16 faster, emulated far slower)
+    a32 = torch.randn(512, 512)
+    a16 = a32.bfloat16()
+    a32 @ a32, a16 @ a16
+    times = []
+    for a in (a32, a16):
+        t0 = time.perf_counter()
+        for _ in range(3):
+            a @ a
+        times.append(time.perf_counter() - t0)
+    assert (speedup > 1.0) == (times[0] / times[1] > 1.0)
 
 
 def test_fused_adamw_covers_cuda_and_cpu():
@@ -388,3 +418,89 @@ def test_muon_steps_through_an_enabled_grad_scaler():
                                 1.0, 3e-3).item() for _ in range(30)])
     assert runs[0][-1] < 0.8 * runs[0][0]
     assert runs[0] == pytest.approx(runs[1], rel=1e-4)
+
+
+def test_each_process_restores_its_own_random_state():
+    from train import capture_rng, restore_rng
+    data_rng = np.random.default_rng(0)
+    states = []
+    for seed in (10, 11):  # two processes: different dropout streams, one shared batch sampler
+        torch.manual_seed(seed)
+        states.append(capture_rng(data_rng, "cpu"))
+    expected_rank1 = torch.rand(3)
+    data_rng.integers(0, 100, 5)  # move the sampler on
+    torch.manual_seed(99)
+    restore_rng(states, data_rng, "cpu", rank=1)
+    assert torch.equal(torch.rand(3), expected_rank1)
+    assert data_rng.bit_generator.state == states[0]["data"]
+    # a third process (resumed on more devices) keeps its own seed instead of copying another's
+    torch.manual_seed(12)
+    own = torch.rand(3)
+    torch.manual_seed(12)
+    restore_rng(states, data_rng, "cpu", rank=2)
+    assert torch.equal(torch.rand(3), own)
+    # older checkpoints: one dict, with every visible GPU's state; only rank 0 takes its torch state
+    old = dict(states[0], cuda=[torch.zeros(16, dtype=torch.uint8)] * 8)
+    torch.manual_seed(13)
+    own = torch.rand(3)
+    torch.manual_seed(13)
+    restore_rng(old, data_rng, "cpu", rank=1)
+    assert torch.equal(torch.rand(3), own)  # rank 1 keeps its own stream
+    torch.manual_seed(10)
+    reference = torch.rand(3)
+    restore_rng(old, data_rng, "cpu", rank=0)
+    assert torch.equal(torch.rand(3), reference)
+
+
+def test_float16_resume_of_a_checkpoint_saved_without_scaler(tiny_cfg):
+    """A float32 / bf16 / CPU run saves the state of a disabled GradScaler ({}): resuming it with
+    --dtype=float16 (CUDA) starts a fresh scaler instead of failing in GradScaler.load_state_dict."""
+    from train import restore_training_state
+    train(tiny_cfg)
+    checkpoint = load_checkpoint(os.path.join(tiny_cfg.out_dir, "ckpt.pt"))
+    assert checkpoint["scaler"] == {}
+    model = GPT(GPTConfig(**{k: v for k, v in checkpoint["model_args"].items()}))
+    optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu")
+    scaler = torch.amp.GradScaler("cpu", enabled=True)  # what float16 on CUDA builds
+    it, best, _ = restore_training_state(checkpoint, tiny_cfg, optimizer, scaler, np.random.default_rng(0), "cpu")
+    assert it == 40 and best == checkpoint["best_val_loss"] and scaler.get_scale() == 2.0 ** 16
+
+
+def test_torchrun_on_mps_is_refused_before_joining(monkeypatch, tiny_cfg):
+    from train import setup_distributed
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="torchrun can't train on MPS.*--device=cpu"):
+        setup_distributed(dataclasses.replace(tiny_cfg, device="auto"))
+    assert not torch.distributed.is_initialized()
+
+
+def test_compile_time_is_not_training_time(tiny_cfg, monkeypatch):
+    """The first step of a compiled model spends its time compiling: with a time budget, that time
+    must not count. A stand-in for torch.compile makes the first step take 1000 s on a fake clock."""
+    import train as train_module
+    clock = {"offset": 0.0}
+    real = time.perf_counter
+    monkeypatch.setattr(train_module.time, "perf_counter", lambda: real() + clock["offset"])
+
+    class FakeCompiled(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, *args, **kwargs):
+            if self.training and torch.is_grad_enabled() and not clock.get("compiled"):
+                clock["compiled"], clock["offset"] = True, clock["offset"] + 1000.0
+            return self.model(*args, **kwargs)
+
+    fake_compile = FakeCompiled
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    cfg = dataclasses.replace(tiny_cfg, compile=True, max_iters=10_000_000, max_seconds=0.5,
+                              eval_interval=10_000_000)
+    train(cfg)
+    ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))
+    assert clock["compiled"] and ckpt["iter_num"] > 5 and 0.5 <= ckpt["train_seconds"] < 5

@@ -3,6 +3,7 @@ import csv
 import dataclasses
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -112,3 +113,47 @@ def test_torchrun_two_processes_match_one(tiny_cfg):
     # same batches, same global batch: only the order of floating-point sums differs
     assert max(abs(x - y) for (_, x), (_, y) in zip(a, b)) < 1e-4
     assert abs(float(r.stdout.rsplit("whole val split:", 1)[1]) - one["val_full"]) < 1e-4
+
+
+def children(pid):
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(c) for c in f.read().split()]
+
+
+def torchrun(cfg, *extra):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             os.path.join(REPO, "train.py"), *cli_args(cfg), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads worker pids from /proc")
+def test_torchrun_sigterm_everywhere_saves_and_resumes_on_fewer_processes(tiny_cfg):
+    """A scheduler's SIGTERM reaches torchrun (which forwards it) and every worker too: the run
+    still saves once, with each process's own random state, and resumes with 2 processes or 1.
+    Rotary positions and eval_iters=1 < 2 processes: one process has no eval batch (no buffer
+    broadcast may hang it); a time budget: one clock for all, or the replicas drift apart."""
+    cfg = dataclasses.replace(tiny_cfg, dropout=0.1, pos_encoding="rope", eval_iters=1, eval_interval=5,
+                              log_interval=1, max_iters=10_000_000, max_seconds=4.0, gradient_accumulation_steps=2)
+    proc = torchrun(cfg)
+    assert wait_for_line(proc, "step 10:")
+    for pid in [proc.pid] + children(proc.pid):
+        os.kill(pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "stopped by SIGTERM after iteration" in err, err
+    path = os.path.join(cfg.out_dir, "ckpt.pt")
+    stopped = load_checkpoint(path)
+    assert stopped["iter_num"] >= 10 and len(stopped["rng"]) == 2
+    assert not torch.equal(stopped["rng"][0]["torch"], stopped["rng"][1]["torch"])
+    one = dataclasses.replace(cfg, out_dir=cfg.out_dir + "-one")
+    os.makedirs(one.out_dir)
+    shutil.copy(path, one.out_dir)
+
+    proc = torchrun(cfg, "--init_from=resume")  # to the end of the budget, with two processes
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err  # includes the check that the replicas ended equal
+    assert "whole val split" in out
+    r = subprocess.run([sys.executable, os.path.join(REPO, "train.py"), *cli_args(one), "--init_from=resume",
+                        "--max_seconds=0", f"--max_iters={stopped['iter_num'] + 5}"],
+                       capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert r.returncode == 0, r.stderr
