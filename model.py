@@ -191,21 +191,24 @@ class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
+        # Attention alone does not know where a token is; the position encoding tells it.
+        # 'learned': a trained vector per position (wpe), added to the token's. nanoGPT's order of
+        # modules (wte, wpe, drop, h, ln_f) is kept: optimizer states are matched to parameters by
+        # position, so the same order lets either project resume the other's checkpoints.
+        learned = config.pos_encoding == "learned"
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embedding
+            **({"wpe": nn.Embedding(config.block_size, config.n_embd)} if learned else {}),
             drop=Dropout(config.dropout),
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
-        # Attention alone does not know where a token is; the position encoding tells it.
-        if config.pos_encoding == "learned":  # a trained vector per position, added to the token's
-            self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
-        elif config.pos_encoding == "sinusoidal":  # a fixed vector per position, added
+        if config.pos_encoding == "sinusoidal":  # a fixed vector per position, added
             # scaled to the token embeddings' size (std 0.02): at full size, values in [-1, 1], it
             # drowns the tokens and training stalls (measured: 3.2 vs 1.7 loss on a tiny model)
             table = 0.02 * sinusoidal_table(config.block_size, config.n_embd)
             self.register_buffer("sinusoid", table, persistent=False)
-        else:  # rope: nothing added; queries and keys are rotated in every attention layer
+        elif config.pos_encoding == "rope":  # nothing added; queries and keys are rotated in every attention layer
             cos, sin = rope_tables(config.block_size, config.n_embd // config.n_head)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)

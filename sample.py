@@ -1,25 +1,28 @@
 """
 Sample text from a trained checkpoint.
 
+    python sample.py --start="ROMEO:"            # the checkpoint written last under this folder
     python sample.py --out_dir=out-shakespeare-char --start="ROMEO:"
     python sample.py --start=FILE:prompt.txt --num_samples=1 --max_new_tokens=2000
 """
 
+import glob
 import os
 import sys
 from dataclasses import dataclass
 
 import torch
 
-from configurator import UserError, configure, run_main
+from configurator import ConfigError, UserError, configure, run_main
 from prepare_shakespeare import CharTokenizer
-from train import (CheckpointError, load_checkpoint, model_from_checkpoint, same_vocabulary, select_device,
-                   select_dtype)
+from train import (CheckpointError, load_checkpoint, model_from_checkpoint, refuse_gpt2_weights, same_vocabulary,
+                   select_device, select_dtype)
 
 
 @dataclass
 class SampleConfig:
-    out_dir: str = "out"
+    init_from: str = "resume"  # as nanoGPT's: sample out_dir's checkpoint (GPT-2 weights are not supported)
+    out_dir: str | None = None  # None: the most recently written */ckpt.pt under the current folder
     start: str = "\n"  # the prompt, or FILE:path to read it from a file
     num_samples: int = 10
     max_new_tokens: int = 500
@@ -31,19 +34,44 @@ class SampleConfig:
     compile: bool = False
     data_dir: str = "data"
 
+    def __post_init__(self):
+        refuse_gpt2_weights(self.init_from)
+        if self.init_from != "resume":
+            raise ConfigError(f"init_from must be 'resume' (sample the checkpoint in out_dir), got '{self.init_from}'")
+
+
+def find_checkpoint(out_dir):
+    """out_dir's ckpt.pt; without an out_dir, the most recently written */ckpt.pt under the current
+    folder, so that `python sample.py` samples the run just trained, whatever its config named it."""
+    if out_dir is not None:
+        return os.path.join(out_dir, "ckpt.pt")
+    found = glob.glob(os.path.join("*", "ckpt.pt"))
+    if not found:
+        raise CheckpointError(f"no checkpoint in any folder under {os.getcwd()} (*/ckpt.pt); train a model first: "
+                              f"python train.py config/train_shakespeare_char.py, or give --out_dir")
+    path = max(found, key=os.path.getmtime)
+    print(f"sampling {path}, the most recently written checkpoint here (--out_dir picks another)", file=sys.stderr)
+    return path
+
 
 def load_model_and_tokenizer(cfg, device):
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    """The checkpoint's model, and its vocabulary: the one the checkpoint holds, or for nanoGPT's
+    checkpoints (which hold none) the meta.pkl of the dataset it names, under data_dir."""
+    ckpt_path = find_checkpoint(cfg.out_dir)
     checkpoint = load_checkpoint(ckpt_path, device,
                                  hint=f"; train a model first: python train.py config/train_shakespeare_char.py "
                                       f"--out_dir={cfg.out_dir}")
     model = model_from_checkpoint(checkpoint)
-    train_cfg = checkpoint.get("config", {})
-    meta_path = os.path.join(train_cfg.get("data_dir", cfg.data_dir), train_cfg.get("dataset", "shakespeare_char"),
-                             "meta.pkl")
+    if checkpoint.get("vocab") is not None:
+        if len(checkpoint["vocab"]) != model.config.vocab_size:
+            raise CheckpointError(f"{ckpt_path} holds a vocabulary of {len(checkpoint['vocab'])} characters but its "
+                                  f"model has {model.config.vocab_size}: the file was altered or is damaged")
+        return model, CharTokenizer(checkpoint["vocab"])
+    dataset = checkpoint.get("config", {}).get("dataset", "shakespeare_char")
+    meta_path = os.path.join(cfg.data_dir, dataset, "meta.pkl")
     if not os.path.exists(meta_path):
-        raise CheckpointError(f"{meta_path} (the vocabulary of the checkpoint's dataset) is missing; "
-                              f"prepare that dataset again with prepare_shakespeare.py")
+        raise CheckpointError(f"{ckpt_path} holds no vocabulary (a nanoGPT checkpoint) and {meta_path}, its "
+                              f"dataset's, is missing; prepare that dataset, or point --data_dir at its folder")
     tok = CharTokenizer.load(meta_path)
     if not same_vocabulary(checkpoint, tok):
         raise CheckpointError(f"{meta_path} is not the vocabulary the checkpoint was trained with ({tok.vocab_size} "

@@ -38,6 +38,10 @@ class TrainConfig:
     eval_only: bool = False  # evaluate the checkpoint in out_dir and exit
     always_save_checkpoint: bool = False  # save at every eval, not only when val loss improves
     init_from: str = "scratch"  # 'scratch', 'resume' (out_dir/ckpt.pt), or a checkpoint / out_dir to fine-tune
+    # Weights & Biases logging, as nanoGPT's (needs pip install wandb)
+    wandb_log: bool = False
+    wandb_project: str = "gpt-char"
+    wandb_run_name: str = "run"
     # data
     dataset: str = DEFAULT_DATASET
     data_dir: str = "data"
@@ -73,6 +77,19 @@ class TrainConfig:
     compile: bool = False
     seed: int = 1337
     plot: bool = False  # draw out_dir/loss.png from out_dir/metrics.csv at the end (needs matplotlib)
+
+    def __post_init__(self):
+        refuse_gpt2_weights(self.init_from)
+
+
+GPT2_WEIGHTS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+
+
+def refuse_gpt2_weights(init_from):
+    if init_from in GPT2_WEIGHTS:
+        raise ConfigError(f"init_from='{init_from}': OpenAI's GPT-2 weights are not supported here (they need the "
+                          f"transformers package, a download and GPT-2's tokenizer; this repo is character-level); "
+                          f"use nanoGPT for them")
 
 
 MODEL_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout")  # nanoGPT's
@@ -118,8 +135,9 @@ def cpu_bf16_speedup(n=256, repeats=3):
     emulated and about 100x slower. Measuring works on every OS and architecture (no CPU flag names
     to know) and costs a few milliseconds, about 50 where bf16 is emulated."""
     times = {}
+    numbers = torch.Generator().manual_seed(0)  # its own: the global generator must not move
     for dtype in (torch.float32, torch.bfloat16):
-        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        a, b = (torch.randn(n, n, generator=numbers).to(dtype) for _ in range(2))
         a @ b  # the first call may set up kernels
         best = float("inf")
         for _ in range(repeats):
@@ -446,23 +464,56 @@ class StopSignals:
 
 
 class MetricsLog:
-    """Appends a row per log line and per eval to out_dir/metrics.csv, for plotting the run."""
+    """Appends a row per log line and per eval to out_dir/metrics.csv, for plotting the run, and
+    sends the same numbers to Weights & Biases when wandb_run is given. path=None logs nothing
+    (the processes other than rank 0)."""
     COLUMNS = ["iter", "kind", "loss", "train_loss", "val_loss", "lr", "tokens", "elapsed_s"]
+    WANDB_NAMES = {"train_loss": "train/loss", "val_loss": "val/loss"}  # nanoGPT's names for them
 
-    def __init__(self, path, resume_from=None):
-        self.path = path
+    def __init__(self, path, resume_from=None, wandb_run=None):
+        self.path, self.wandb_run = path, wandb_run
+        if path is None:
+            return
         rows = []
         if resume_from is not None and os.path.exists(path):
-            with open(path, newline="") as f:  # keep what led up to the checkpoint, drop what came after
-                rows = [r for r in csv.DictReader(f) if int(r["iter"]) <= resume_from]
+            # keep what led up to the checkpoint; its eval row comes again from the resumed run
+            with open(path, newline="") as f:
+                rows = [r for r in csv.DictReader(f)
+                        if int(r["iter"]) < resume_from or (int(r["iter"]) == resume_from and r["kind"] == "log")]
         with open(path, "w", newline="") as f:
             writer = csv.DictWriter(f, self.COLUMNS)
             writer.writeheader()
             writer.writerows(rows)
 
     def write(self, **row):
+        if self.path is None:
+            return
         with open(self.path, "a", newline="") as f:
             csv.DictWriter(f, self.COLUMNS).writerow(row)
+        if self.wandb_run is not None:
+            numbers = {self.WANDB_NAMES.get(k, k): float(v) for k, v in row.items() if k != "kind" and v != ""}
+            self.wandb_run.log(numbers, step=row["iter"])
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.wandb_run is not None:
+            self.wandb_run.finish(exit_code=0 if exc[0] is None else 1)
+
+
+def start_wandb(cfg):
+    """A Weights & Biases run for cfg, as nanoGPT's wandb_log starts one (wandb is imported only here)."""
+    try:
+        import wandb
+    except ImportError:
+        raise UserError("wandb_log=True needs the wandb package: pip install wandb (or --wandb_log=False)") from None
+    try:
+        return wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=asdict(cfg))
+    except Exception as e:  # not logged in, no network, a bad project name ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"wandb could not start a run ({first}); run `wandb login`, or set WANDB_MODE=offline "
+                        f"to log locally") from None
 
 
 def init_model(cfg, tok, device):
@@ -496,12 +547,53 @@ def init_model(cfg, tok, device):
     return model, checkpoint
 
 
-def restore_training_state(checkpoint, cfg, optimizer, scaler, data_rng, device, rank=0):
+def _torch_optimizers(optimizer):
+    return list(optimizer.optimizers.values()) if hasattr(optimizer, "optimizers") else [optimizer]
+
+
+def legacy_param_order(state, optimizer, model):
+    """Optimizer state saved by this project before it kept nanoGPT's order of modules: wpe came
+    last among the parameters, so it was the last of its group. Renumber it into today's order."""
+    if "wpe" not in getattr(model, "transformer", {}):
+        return state  # no learned positions: the order never differed
+    wpe = model.transformer.wpe.weight
+    states = list(state.values()) if hasattr(optimizer, "optimizers") else [state]
+    for saved, opt in zip(states, _torch_optimizers(optimizer)):
+        now = [p for g in opt.param_groups for p in g["params"]]
+        then = []
+        for g in opt.param_groups:
+            then += [p for p in g["params"] if p is not wpe] + [p for p in g["params"] if p is wpe]
+        index = {id(p): i for i, p in enumerate(now)}
+        saved["state"] = {index[id(then[int(i)])]: v for i, v in saved["state"].items()}
+    return state
+
+
+def check_optimizer_state(optimizer):
+    """Every optimizer state tensor has its parameter's shape (else training fails at the first step)."""
+    for opt in _torch_optimizers(optimizer):
+        for p, s in opt.state.items():
+            for name, t in s.items():
+                if torch.is_tensor(t) and t.dim() > 0 and t.shape != p.shape:
+                    raise CheckpointError(f"the checkpoint's optimizer state does not fit the model: {name} of "
+                                          f"shape {tuple(t.shape)} for a parameter of shape {tuple(p.shape)}")
+
+
+def restore_training_state(checkpoint, cfg, model, optimizer, scaler, data_rng, device, rank=0):
     """Load what --init_from=resume continues from; returns (iter_num, best_val_loss, train_seconds)."""
     saved = checkpoint.get("config", {}).get("optimizer", "adamw")
     if saved != cfg.optimizer:
         raise ConfigError(f"the checkpoint was trained with optimizer='{saved}'; resume with --optimizer={saved}")
-    optimizer.load_state_dict(checkpoint["optimizer"])
+    state = checkpoint.get("optimizer")
+    if not state:
+        raise CheckpointError("the checkpoint holds weights only, no optimizer state, so it can't be resumed; "
+                              "fine-tune from it instead: --init_from=PATH_TO_ITS_OUT_DIR")
+    if "vocab" in checkpoint and checkpoint.get("param_order") != "nanogpt":
+        state = legacy_param_order(state, optimizer, model)
+    try:
+        optimizer.load_state_dict(state)
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"the checkpoint's optimizer state does not fit the model ({e})") from None
+    check_optimizer_state(optimizer)
     restore_rng(checkpoint.get("rng"), data_rng, device, rank)
     if scaler.is_enabled() and checkpoint.get("scaler"):  # empty when the run that saved it had no scaler
         scaler.load_state_dict(checkpoint["scaler"])
@@ -545,8 +637,8 @@ def train(cfg):
     # train_seconds: time spent in training steps, evals excluded: what max_seconds budgets
     iter_num, best_val_loss, train_seconds = 0, float("inf"), 0.0
     if cfg.init_from == "resume" and not cfg.eval_only:
-        iter_num, best_val_loss, train_seconds = restore_training_state(checkpoint, cfg, optimizer, scaler, data_rng,
-                                                                        device, rank)
+        iter_num, best_val_loss, train_seconds = restore_training_state(checkpoint, cfg, raw_model, optimizer, scaler,
+                                                                        data_rng, device, rank)
     checkpoint = None  # free its memory
 
     if cfg.compile:
@@ -585,6 +677,7 @@ def train(cfg):
                 "config": asdict(cfg),
                 "vocab": tok.chars,
                 "rng": rng,  # one entry per process: each has its own dropout stream
+                "param_order": "nanogpt",  # optimizer state in nanoGPT's parameter order (older ones: wpe last)
             }, ckpt_path)
         if world_size > 1:
             torch.distributed.barrier()  # no process leaves (or is killed by torchrun) while rank 0 saves
@@ -601,8 +694,9 @@ def train(cfg):
         return lambda: read_windows(train_path, next(mine), cfg.block_size, device)
 
     start_iter = iter_num
-    metrics = MetricsLog(os.path.join(cfg.out_dir, "metrics.csv"),
-                         resume_from=iter_num if cfg.init_from == "resume" else None) if master else None
+    metrics = MetricsLog(os.path.join(cfg.out_dir, "metrics.csv") if master else None,
+                         resume_from=iter_num if cfg.init_from == "resume" else None,
+                         wandb_run=start_wandb(cfg) if master and cfg.wandb_log else None)
     # the bar runs over iterations, or over the seconds of a time budget (so that its ETA is right)
     timed = cfg.max_seconds > 0
     bar = tqdm(total=cfg.max_seconds if timed else cfg.max_iters, initial=train_seconds if timed else iter_num,
@@ -611,7 +705,7 @@ def train(cfg):
                mininterval=0.5 if sys.stderr.isatty() else 30)  # a log file gets a line every 30 s
     losses = None
     window_start, window_iters = time.perf_counter(), 0
-    with StopSignals() as stop:
+    with StopSignals() as stop, metrics:
         while True:
             # every process holds the same train_seconds (rank 0's clock), so they agree on the end
             done = iter_num >= cfg.max_iters or (timed and train_seconds >= cfg.max_seconds)

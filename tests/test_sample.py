@@ -1,6 +1,7 @@
 import dataclasses
 import io
 import os
+import shutil
 
 import pytest
 import torch
@@ -79,8 +80,49 @@ def test_vocabulary_mismatch(trained):
     wte = ckpt["model"]["transformer.wte.weight"]
     ckpt["model"]["transformer.wte.weight"] = ckpt["model"]["lm_head.weight"] = torch.cat([wte, wte[:1]])
     save_checkpoint(ckpt, path)
-    with pytest.raises(UserError, match="the checkpoint's model has"):
+    with pytest.raises(UserError, match="holds a vocabulary of 43 characters but its model has 44"):
         sample(sample_cfg(trained))
+    del ckpt["vocab"]  # as nanoGPT's: the vocabulary comes from the dataset's meta.pkl, which does not fit
+    save_checkpoint(ckpt, path)
+    with pytest.raises(UserError, match="the checkpoint's model has 44"):
+        sample(sample_cfg(trained))
+
+
+def test_sampling_needs_no_dataset(trained, tmp_path):
+    """Our checkpoints hold their vocabulary: sampling works with the data moved away."""
+    os.rename(trained.data_dir, str(tmp_path / "moved"))
+    buf = io.StringIO()
+    sample(sample_cfg(trained, start="ROMEO:", num_samples=1, max_new_tokens=20), out=buf)
+    assert buf.getvalue().startswith("ROMEO:")
+
+
+def test_without_out_dir_the_newest_checkpoint_is_sampled(trained, tmp_path, monkeypatch, capsys):
+    newer = tmp_path / "out-newer"
+    newer.mkdir()
+    shutil.copy(os.path.join(trained.out_dir, "ckpt.pt"), newer / "ckpt.pt")
+    os.utime(os.path.join(trained.out_dir, "ckpt.pt"), (1_000_000_000, 1_000_000_000))
+    monkeypatch.chdir(tmp_path)
+    buf = io.StringIO()
+    sample(SampleConfig(device="cpu", dtype="float32", start="ROMEO:", num_samples=1, max_new_tokens=5), out=buf)
+    assert f"sampling {os.path.join('out-newer', 'ckpt.pt')}, the most recently written" in capsys.readouterr().err
+    assert buf.getvalue().startswith("ROMEO:")
+
+
+def test_the_cards_two_commands_work_together(tiny_data, tmp_path):
+    """python train.py CONFIG, then python sample.py --start=ROMEO: with no --out_dir."""
+    r = run_script("train.py", f"--data_dir={tiny_data}", "--dataset=tiny", "--out_dir=out-tiny", "--device=cpu",
+                   "--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=16", "--batch_size=4", "--max_iters=10",
+                   "--lr_decay_iters=10", "--warmup_iters=2", "--eval_interval=5", "--eval_iters=2", cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    r = run_script("sample.py", "--start=ROMEO:", "--num_samples=1", "--max_new_tokens=10", cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("ROMEO:") and "sampling out-tiny/ckpt.pt" in r.stderr
+
+
+def test_no_checkpoint_anywhere_names_the_command(tmp_path):
+    r = run_script("sample.py", cwd=str(tmp_path))
+    assert r.returncode == 1 and r.stderr.count("\n") == 1
+    assert "no checkpoint in any folder under" in r.stderr and "python train.py config/train_shakespeare_char.py" in r.stderr
 
 
 def test_bigram_checkpoint_samples(tiny_cfg):
