@@ -12,7 +12,10 @@ alternating the two so that both see the same machine conditions, and reports th
 
 import copy
 import os
+import platform
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -20,9 +23,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from configurator import configure, run_main
+from configurator import ConfigError, check, check_choice, check_device, configure, run_main
 from model import GPT, GPTConfig
-from train import autocast_context, get_batch, select_device, select_dtype, train_step
+from train import (autocast_context, bf16_is_native, describe_dtype, get_batch, select_device, select_dtype, train_step,
+                   use_compile)
 
 
 @dataclass
@@ -37,12 +41,26 @@ class BenchConfig:
     vocab_size: int = 65
     device: str = "auto"
     dtype: str = "auto"
-    compile: bool = False
+    compile: bool | str = "auto"  # 'auto': on CUDA only, as train.py
     compare: bool = True  # also time nanoGPT's path: float32, unfused AdamW, no KV cache
+    recipe: bool = True  # also time the CPU recipe's choices: Muon and rotary positions
     steps: int = 10  # timed training steps per round
     rounds: int = 3  # rounds alternate the variants; medians are reported
     sample_tokens: int = 500  # new tokens per sampling measurement (sample.py's default)
+    num_samples: int = 10  # sample.py's default: generated as one batch here, one after another by nanoGPT
     seed: int = 1337
+
+    def __post_init__(self):
+        for key in ("batch_size", "steps", "rounds", "sample_tokens", "num_samples"):
+            check(getattr(self, key) > 0, key, getattr(self, key), "positive")
+        check_choice("dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
+        check_choice("compile", self.compile, (True, False, "auto"))
+        check_device("device", self.device)
+        try:  # the model's own settings, checked where the model declares them
+            GPTConfig(block_size=self.block_size, vocab_size=self.vocab_size, n_layer=self.n_layer,
+                      n_head=self.n_head, n_embd=self.n_embd, dropout=self.dropout, bias=self.bias)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
 
 def synchronize(device):
@@ -92,28 +110,60 @@ def peak_memory_mb(device):
     return peak / 2 ** 20 if os.uname().sysname == "Darwin" else peak / 2 ** 10
 
 
-class Variant:
-    """One way of running the model: its dtype, optimizer kind and whether generation caches."""
+def cpu_name():
+    """The processor's marketing name, on Linux, macOS and Windows ('' if it can't be found)."""
+    try:
+        if sys.platform.startswith("linux"):
+            with open("/proc/cpuinfo") as f:
+                for line in f:
+                    if line.startswith(("model name", "Model")):  # x86; ARM boards
+                        return line.split(":", 1)[1].strip()
+        if sys.platform == "darwin":
+            return subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True,
+                                  text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return platform.processor()
 
-    def __init__(self, name, cfg, device, dtype, fused, use_cache, data_path):
+
+def describe_device(device):
+    if torch.device(device).type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    if torch.device(device).type == "cpu":
+        return f"cpu ({cpu_name() or 'unknown CPU'}, {torch.get_num_threads()} threads)"
+    return device
+
+
+class Variant:
+    """One way of running the model: its dtype, optimizer, position encoding and whether generation caches."""
+
+    def __init__(self, name, cfg, device, dtype, fused, use_cache, data_path, optimizer="adamw",
+                 pos_encoding="learned"):
         self.name, self.device, self.dtype, self.use_cache = name, device, dtype, use_cache
+        self.pos_encoding = pos_encoding
         self.device_type = torch.device(device).type
         torch.manual_seed(cfg.seed)
         self.model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size, n_layer=cfg.n_layer,
-                                   n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias)).to(device)
-        self.optimizer = self.model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), self.device_type, fused=fused)
-        self.fused = self.optimizer.defaults.get("fused") or False
-        self.step_model = torch.compile(self.model) if cfg.compile else self.model
+                                   n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias,
+                                   pos_encoding=pos_encoding)).to(device)
+        self.optimizer = self.model.configure_optimizers(
+            0.1, 1e-3, (0.9, 0.99), self.device_type, fused=fused, optimizer=optimizer,
+            muon_dtype=torch.bfloat16 if bf16_is_native(device) else torch.float32)
+        adamw = self.optimizer.optimizers["adamw"] if optimizer == "muon" else self.optimizer
+        self.optimizer_name = ("Muon+" if optimizer == "muon" else "") + \
+            ("fused AdamW" if adamw.defaults.get("fused") else "AdamW")
+        self.step_model = torch.compile(self.model) if use_compile(cfg.compile, device) else self.model
         self.scaler = torch.amp.GradScaler(self.device_type, enabled=(dtype == "float16"))
         self.ctx = autocast_context(self.device_type, dtype)
         rng = np.random.default_rng(cfg.seed)
         self.next_batch = lambda: get_batch(data_path, cfg.batch_size, cfg.block_size, rng, device)
-        self.step_times, self.sample_rates = [], []
+        self.step_times, self.sample_rates, self.batch_times = [], [], []
         self.peak_mb = 0.0
 
     def resident_mb(self):
         """Memory this variant holds between steps: weights and optimizer state."""
-        state = [t for s in self.optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+        optimizers = getattr(self.optimizer, "optimizers", {"": self.optimizer}).values()
+        state = [t for o in optimizers for s in o.state.values() for t in s.values() if torch.is_tensor(t)]
         return tensor_mb(list(self.model.parameters()) + state)
 
     def time_steps(self, steps):
@@ -124,15 +174,25 @@ class Variant:
         loss.item()  # wait for the last step
         self.step_times.append((time.perf_counter() - t0) / steps)
 
-    def time_sampling(self, new_tokens):
+    def time_sampling(self, new_tokens, num_samples):
+        """Characters per second of one stream, and seconds for num_samples samples: one batch here,
+        one sample after another on nanoGPT's path (as its sample.py does)."""
         # as sample.py does it: weights stored in the sampling dtype
         model = copy.deepcopy(self.model).eval().to(dtype=getattr(torch, self.dtype))
         idx = torch.zeros((1, 1), dtype=torch.long, device=self.device)
         synchronize(self.device)
         t0 = time.perf_counter()
-        model.generate(idx, new_tokens, temperature=1.0, top_k=None, use_cache=self.use_cache)
+        model.generate(idx, new_tokens, temperature=0.8, top_k=200, use_cache=self.use_cache)
         synchronize(self.device)
-        self.sample_rates.append(new_tokens / (time.perf_counter() - t0))
+        one = time.perf_counter() - t0
+        self.sample_rates.append(new_tokens / one)
+        if not self.use_cache:  # nanoGPT's loop: every sample costs what one does
+            self.batch_times.append(num_samples * one)
+            return
+        t0 = time.perf_counter()
+        model.generate(idx.expand(num_samples, -1), new_tokens, temperature=0.8, top_k=200)
+        synchronize(self.device)
+        self.batch_times.append(time.perf_counter() - t0)
 
 
 def bench(cfg):
@@ -143,6 +203,8 @@ def bench(cfg):
         data_path = os.path.join(tmp, "tokens.bin")
         np.random.default_rng(0).integers(0, cfg.vocab_size, 200_000, dtype=np.uint16).tofile(data_path)
         variants = [Variant("this repo", cfg, device, dtype, None, True, data_path)]
+        if cfg.recipe:
+            variants.append(Variant("+ Muon, RoPE", cfg, device, dtype, None, True, data_path, "muon", "rope"))
         if cfg.compare:
             variants.append(Variant("nanoGPT path", cfg, device, "float32", False, False, data_path))
         peaks = {dt: matmul_peak_flops(device, dt) for dt in {v.dtype for v in variants}}
@@ -159,28 +221,36 @@ def bench(cfg):
                 v.peak_mb = max(v.peak_mb, peak_memory_mb(device) - others)
         for _ in range(cfg.rounds):
             for v in variants:
-                v.time_sampling(cfg.sample_tokens)
+                v.time_sampling(cfg.sample_tokens, cfg.num_samples)
 
+    report(cfg, device, dtype, peaks, variants)
+    return variants
+
+
+def report(cfg, device, dtype, peaks, variants):
     tokens_per_iter = cfg.batch_size * cfg.block_size
-    print(f"device: {device} | model: {cfg.n_layer} layers, {cfg.n_head} heads, {cfg.n_embd} wide, "
-          f"block {cfg.block_size}, batch {cfg.batch_size}, {variants[0].model.get_num_params() / 1e6:.2f}M parameters")
+    print(f"device: {describe_device(device)} | torch {torch.__version__}")
+    print(f"dtype: {describe_dtype(cfg.dtype, dtype, device)}")
+    print(f"model: {cfg.n_layer} layers, {cfg.n_head} heads, {cfg.n_embd} wide, block {cfg.block_size}, "
+          f"batch {cfg.batch_size}, {variants[0].model.get_num_params() / 1e6:.2f}M parameters")
     print(f"matmul peak (2048x2048): " + ", ".join(f"{dt} {f / 1e9:,.0f} GFLOP/s" for dt, f in sorted(peaks.items())))
-    header = f"{'variant':<14} {'dtype':<9} {'AdamW':<7} {'KV cache':<8} {'ms/iter':>8} {'tokens/s':>9} " \
-             f"{'MFU':>6} {'sample tok/s':>12} {'peak MB':>8}"
+    samples = f"{cfg.num_samples} samples s"
+    header = f"{'variant':<14} {'dtype':<9} {'optimizer':<17} {'positions':<9} {'KV cache':<8} {'ms/iter':>8} " \
+             f"{'tokens/s':>9} {'MFU':>6} {'sample tok/s':>12} {samples:>12} {'peak MB':>8}"
     print(header)
     print("-" * len(header))
-    results = []
     for v in variants:
-        step = statistics.median(v.step_times)
-        rate = statistics.median(v.sample_rates)
-        mfu = flops_per_iter(v.model, cfg.batch_size) / step / peaks[v.dtype]
-        results.append((step, rate))
-        print(f"{v.name:<14} {v.dtype:<9} {'fused' if v.fused else 'plain':<7} {'yes' if v.use_cache else 'no':<8} "
-              f"{step * 1e3:>8.1f} {tokens_per_iter / step:>9,.0f} {mfu:>6.1%} {rate:>12,.1f} {v.peak_mb:>8,.0f}")
-    if len(results) == 2:
-        (step_a, rate_a), (step_b, rate_b) = results
-        print(f"{'speedup':<14} {'':<9} {'':<7} {'':<8} {step_b / step_a:>7.2f}x {'':>9} {'':>6} {rate_a / rate_b:>11.1f}x")
-    return variants
+        v.step = statistics.median(v.step_times)
+        v.rate = statistics.median(v.sample_rates)
+        v.batch = statistics.median(v.batch_times)
+        mfu = flops_per_iter(v.model, cfg.batch_size) / v.step / peaks[v.dtype]
+        print(f"{v.name:<14} {v.dtype:<9} {v.optimizer_name:<17} {v.pos_encoding:<9} {'yes' if v.use_cache else 'no':<8} "
+              f"{v.step * 1e3:>8.1f} {tokens_per_iter / v.step:>9,.0f} {mfu:>6.1%} {v.rate:>12,.1f} {v.batch:>12.2f} "
+              f"{v.peak_mb:>8,.0f}")
+    if cfg.compare:
+        ours, nano = variants[0], variants[-1]
+        print(f"{'speedup':<14} {'':<9} {'':<17} {'':<9} {'':<8} {nano.step / ours.step:>7.2f}x {'':>9} {'':>6} "
+              f"{ours.rate / nano.rate:>11.1f}x {nano.batch / ours.batch:>11.1f}x")
 
 
 def main(argv):

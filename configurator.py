@@ -12,6 +12,7 @@ and returns a new instance. Values are Python literals (`--lr=3e-4`, `--bias=Tru
 import ast
 import dataclasses
 import difflib
+import math
 import os
 import sys
 import types
@@ -46,16 +47,25 @@ def configure(config_class, argv):
 
 
 def read_config_file(path):
-    """The settings a config file assigns, as a dict (modules, functions and _private names skipped)."""
+    """The settings a config file assigns, as a dict (modules, functions and _private names skipped).
+    A config file is Python, run as nanoGPT runs them: only run config files you trust."""
+    if os.path.isdir(path):
+        raise ConfigError(f"config file '{path}' is a folder; give a .py file that assigns settings")
     if not os.path.isfile(path):
         raise ConfigError(f"config file '{path}' not found (arguments that are not --key=value name config files)")
-    with open(path, encoding="utf-8") as f:
-        source = f.read()
+    try:
+        with open(path, encoding="utf-8") as f:
+            source = f.read()
+    except OSError as e:
+        raise ConfigError(f"can't read config file '{path}': {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file '{path}' is not UTF-8 text; is it a config file?") from None
     namespace = {}
     try:
         exec(compile(source, path, "exec"), namespace)
     except Exception as e:
-        raise ConfigError(f"config file '{path}' failed to run: {type(e).__name__}: {e}") from e
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ConfigError(f"config file '{path}' failed to run: {type(e).__name__}: {first}") from None
     return {k: v for k, v in namespace.items()
             if not k.startswith("_") and not isinstance(v, (types.ModuleType, types.FunctionType, type))}
 
@@ -81,6 +91,8 @@ def _coerce(key, value, annotation, where):
         if t is type(None) and value is None:
             return None
         if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"{key} must be a finite number, got {value!r} from {where}")
             return float(value)
         if t is int and isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -88,6 +100,24 @@ def _coerce(key, value, annotation, where):
             return value
     names = " or ".join("None" if t is type(None) else t.__name__ for t in allowed)
     raise ConfigError(f"{key} must be {names}, got {value!r} ({type(value).__name__}) from {where}")
+
+
+def check(ok, key, value, allowed):
+    """For a config's __post_init__: one line naming the setting, its value and what is allowed."""
+    if not ok:
+        raise ConfigError(f"{key} must be {allowed}, got {value!r}")
+
+
+def check_choice(key, value, allowed):
+    ok = value in allowed and type(value) in {type(a) for a in allowed}  # True is not 1
+    check(ok, key, value, "one of " + ", ".join(repr(a) for a in allowed))
+
+
+def check_device(key, value):
+    """auto, cpu, mps, cuda or cuda:N; whether this machine has it is checked when it is used."""
+    kind, sep, index = value.partition(":")
+    ok = value == "auto" or (kind in ("cpu", "cuda", "mps") and not sep) or (kind == "cuda" and index.isdigit())
+    check(ok, key, value, "auto, cpu, cuda, cuda:N or mps")
 
 
 def run_main(main):

@@ -13,6 +13,7 @@ import argparse
 import hashlib
 import os
 import pickle
+import shutil
 
 import numpy as np
 import requests
@@ -30,6 +31,13 @@ class DatasetError(UserError):
     pass
 
 
+class PlainDataUnpickler(pickle.Unpickler):
+    """Unpickles dicts, lists, strings and numbers only: those need no find_class, anything else does."""
+
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"it asks for {module}.{name}, and only plain data is loaded")
+
+
 class CharTokenizer:
     """Maps each distinct character of a text to an integer id (sorted order, as the lecture)."""
 
@@ -43,9 +51,23 @@ class CharTokenizer:
 
     @classmethod
     def load(cls, meta_path):
-        with open(meta_path, "rb") as f:
-            meta = pickle.load(f)
-        return cls([meta["itos"][i] for i in range(meta["vocab_size"])])
+        """The vocabulary in a meta.pkl (ours or nanoGPT's). Only plain data is unpickled: a pickle that
+        names any class or function (which is how pickles run code) is refused, not loaded."""
+        try:
+            with open(meta_path, "rb") as f:
+                meta = PlainDataUnpickler(f).load()
+            chars = [meta["itos"][i] for i in range(meta["vocab_size"])]
+        except FileNotFoundError:
+            raise DatasetError(f"{meta_path} not found; prepare the dataset with prepare_shakespeare.py") from None
+        except OSError as e:
+            raise DatasetError(f"can't read {meta_path}: {e.strerror}") from None
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+            raise DatasetError(f"{meta_path} is not a vocabulary file ({type(e).__name__}: {e}); prepare the "
+                               f"dataset again with prepare_shakespeare.py") from None
+        if not all(isinstance(c, str) and len(c) == 1 for c in chars) or len(set(chars)) != len(chars):
+            raise DatasetError(f"{meta_path} is not a character vocabulary (its itos are not distinct single "
+                               f"characters); prepare the dataset again with prepare_shakespeare.py")
+        return cls(chars)
 
     @property
     def vocab_size(self):
@@ -80,7 +102,7 @@ def sha256_of(path):
 
 def download(url, path, sha256=None, timeout=30):
     """Download url to path through a temporary file that is renamed only once complete and verified."""
-    tmp = path + ".part"
+    tmp = f"{path}.part{os.getpid()}"
     try:
         with requests.get(url, stream=True, timeout=timeout) as r:
             r.raise_for_status()
@@ -109,6 +131,10 @@ def read_text(path):
             text = f.read()
     except FileNotFoundError:
         raise DatasetError(f"input text '{path}' not found") from None
+    except IsADirectoryError:
+        raise DatasetError(f"input text '{path}' is a folder; give a text file") from None
+    except OSError as e:
+        raise DatasetError(f"can't read the input text '{path}': {e.strerror}") from None
     except UnicodeDecodeError as e:
         raise DatasetError(f"'{path}' is not UTF-8 text ({e.reason} at byte {e.start}); "
                            f"convert it, e.g. with iconv -t UTF-8") from None
@@ -117,20 +143,54 @@ def read_text(path):
     return text
 
 
-def _write_atomic(path, write):
-    tmp = path + ".tmp"
+def write_atomic(path, write):
+    """Call write(f) on a temporary file beside path (a name no other process uses), flush it to disk,
+    then rename it over path: a crash at any moment leaves the old file or the new one, never half."""
+    tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
             write(f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+        if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
+            fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
-def prepare(text, out_dir, tok=None):
-    """Tokenize text (with tok, or a vocabulary of its own characters) and write train.bin, val.bin
-    and meta.pkl into out_dir; return the tokenizer."""
+def remove_leftovers(folder, prefix):
+    """Remove what killed processes left in folder: names prefix + 'tmp' + PID (+ anything), PID gone."""
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        pid = name[len(prefix) + 3:].split(".")[0] if name.startswith(prefix + "tmp") else ""
+        if pid.isdigit() and not process_alive(int(pid)):
+            path = os.path.join(folder, name)
+            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+
+
+def process_alive(pid):
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists (another user's), or we can't tell: leave its files alone
+    return True
+
+
+def prepare(text, out_dir, tok=None, source=None):
+    """Tokenize text (with tok, or a vocabulary of its own characters) and write train.bin, val.bin,
+    meta.pkl and input.txt (a copy of the file `source`, or text) into out_dir; return the tokenizer.
+
+    The four files are written into a new folder beside out_dir that then takes its place, so that a
+    reader sees the old set or the new one, never a mix, even if this process is killed midway."""
     tok = tok or CharTokenizer.from_text(text)
     if tok.vocab_size > np.iinfo(np.uint16).max + 1:
         raise DatasetError(f"the text has {tok.vocab_size} distinct characters; uint16 token files hold at most 65536")
@@ -139,10 +199,30 @@ def prepare(text, out_dir, tok=None):
     if split == 0 or split == n:
         raise DatasetError(f"the text has only {n} characters, too few to split into train and val")
     ids = np.array(tok.encode(text), dtype=np.uint16)
-    os.makedirs(out_dir, exist_ok=True)
-    _write_atomic(os.path.join(out_dir, "train.bin"), lambda f: ids[:split].tofile(f))
-    _write_atomic(os.path.join(out_dir, "val.bin"), lambda f: ids[split:].tofile(f))
-    _write_atomic(os.path.join(out_dir, "meta.pkl"), lambda f: pickle.dump(tok.meta(), f))
+    parent, name = os.path.split(os.path.abspath(out_dir))
+    staging = os.path.join(parent, f".{name}.tmp{os.getpid()}")
+    old = staging + ".old"
+    try:
+        os.makedirs(parent, exist_ok=True)
+        remove_leftovers(parent, f".{name}.")
+        os.makedirs(staging)
+        ids[:split].tofile(os.path.join(staging, "train.bin"))
+        ids[split:].tofile(os.path.join(staging, "val.bin"))
+        with open(os.path.join(staging, "meta.pkl"), "wb") as f:
+            pickle.dump(tok.meta(), f)
+        if source is not None:
+            shutil.copyfile(source, os.path.join(staging, "input.txt"))
+        else:
+            with open(os.path.join(staging, "input.txt"), "w", encoding="utf-8", newline="") as f:
+                f.write(text)
+        if os.path.exists(out_dir):
+            os.rename(out_dir, old)
+        os.rename(staging, out_dir)
+    except OSError as e:
+        raise DatasetError(f"could not write the dataset to {out_dir}: {e.strerror}; nothing there was changed") from None
+    finally:
+        for leftover in (staging, old):
+            shutil.rmtree(leftover, ignore_errors=True)
     return tok
 
 
@@ -170,9 +250,7 @@ def prepare_dataset(dataset=DEFAULT_DATASET, input_path=None, url=SHAKESPEARE_UR
             os.makedirs(out_dir, exist_ok=True)
             download(url, text_path, sha256)
         text = read_text(text_path)
-    tok = prepare(text, out_dir, tok)  # checks the text fits the vocabulary before writing anything
-    if input_path is not None and not (os.path.exists(text_path) and os.path.samefile(input_path, text_path)):
-        _write_atomic(text_path, lambda f: f.write(text.encode("utf-8")))
+    tok = prepare(text, out_dir, tok, source=input_path or text_path)  # checks the text before writing anything
     split = int(len(text) * TRAIN_FRACTION)
     print(f"{out_dir}: vocab size {tok.vocab_size}, {split:,} train tokens, {len(text) - split:,} val tokens")
     return tok

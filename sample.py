@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
-from configurator import ConfigError, UserError, configure, run_main
+from configurator import ConfigError, UserError, check, check_choice, check_device, configure, run_main
 from prepare_shakespeare import CharTokenizer
 from train import (CheckpointError, load_checkpoint, model_from_checkpoint, refuse_gpt2_weights, same_vocabulary,
-                   select_device, select_dtype)
+                   out_of_memory, select_device, select_dtype, use_compile)
 
 
 @dataclass
@@ -31,11 +31,20 @@ class SampleConfig:
     seed: int = 1337
     device: str = "auto"
     dtype: str = "auto"
-    compile: bool = False
+    compile: bool | str = "auto"  # 'auto': on CUDA only
     data_dir: str = "data"
 
     def __post_init__(self):
         refuse_gpt2_weights(self.init_from)
+        check(self.out_dir is None or self.out_dir != "", "out_dir", self.out_dir, "a folder name")
+        check(self.start != "", "start", self.start, "a prompt of at least one character, e.g. --start=ROMEO:")
+        check(self.num_samples > 0, "num_samples", self.num_samples, "positive")
+        check(self.max_new_tokens > 0, "max_new_tokens", self.max_new_tokens, "positive")
+        check(self.temperature >= 0, "temperature", self.temperature, ">= 0 (0: always the most likely character)")
+        check(self.top_k is None or self.top_k > 0, "top_k", self.top_k, "positive, or None for all characters")
+        check_choice("dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
+        check_choice("compile", self.compile, (True, False, "auto"))
+        check_device("device", self.device)
         if self.init_from != "resume":
             raise ConfigError(f"init_from must be 'resume' (sample the checkpoint in out_dir), got '{self.init_from}'")
 
@@ -81,13 +90,22 @@ def load_model_and_tokenizer(cfg, device):
 
 
 def read_start(start):
-    if start.startswith("FILE:"):
-        try:
-            with open(start[5:], encoding="utf-8") as f:
-                return f.read()
-        except (OSError, UnicodeDecodeError) as e:
-            raise UserError(f"can't read the prompt file {start[5:]}: {e}") from None
-    return start
+    """The prompt: start itself, or the text of the file FILE:path names."""
+    if not start.startswith("FILE:"):
+        return start
+    path = start[5:]
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except IsADirectoryError:
+        raise UserError(f"the prompt file {path} is a folder; give a text file") from None
+    except OSError as e:
+        raise UserError(f"can't read the prompt file {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"the prompt file {path} is not UTF-8 text") from None
+    if not text:
+        raise UserError(f"the prompt file {path} is empty; the model needs at least one character to continue")
+    return text
 
 
 def sample(cfg, out=sys.stdout):
@@ -99,26 +117,34 @@ def sample(cfg, out=sys.stdout):
     # Sampling one sequence reads every weight per new token, so it is bound by memory bandwidth:
     # weights stored in bfloat16 (rather than cast by autocast at every step) make it faster.
     model.eval().to(device=device, dtype=getattr(torch, dtype))
-    if cfg.compile:
+    if use_compile(cfg.compile, device):
         model.forward = torch.compile(model.forward, dynamic=True)  # generate() calls forward
     prompt = read_start(cfg.start)
     idx = torch.tensor([tok.encode(prompt)], dtype=torch.long, device=device)
-    for _ in range(cfg.num_samples):
-        if cfg.num_samples == 1:
-            out.write(prompt)
-            for token in model.generate_tokens(idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k):
-                out.write(tok.decode(token[0].tolist()))
-                out.flush()
-            out.write("\n")
-        else:
-            y = model.generate(idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k)
-            out.write(tok.decode(y[0].tolist()) + "\n")
-        out.write("---------------\n")
-        out.flush()
+    if cfg.num_samples == 1:  # stream it, character by character
+        out.write(prompt)
+        for token in model.generate_tokens(idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k):
+            out.write(tok.decode(token[0].tolist()))
+            out.flush()
+        out.write("\n---------------\n")
+    else:
+        # All samples at once, as one batch: a step costs little more for 10 rows than for one, since
+        # it is bound by reading the weights. (The text differs from sampling them one by one.)
+        y = model.generate(idx.expand(cfg.num_samples, -1), cfg.max_new_tokens, cfg.temperature, cfg.top_k)
+        for row in y:
+            out.write(tok.decode(row.tolist()) + "\n---------------\n")
+    out.flush()
 
 
 def main(argv):
-    sample(configure(SampleConfig, argv))
+    cfg = configure(SampleConfig, argv)
+    try:
+        sample(cfg)
+    except (RuntimeError, MemoryError) as e:
+        oom = out_of_memory(e, cfg.device, f"--num_samples ({cfg.num_samples}), or sample on the CPU")
+        if oom is None:
+            raise
+        raise oom from None
 
 
 if __name__ == "__main__":

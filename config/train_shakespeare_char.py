@@ -24,4 +24,4 @@ min_lr = 1e-4  # learning_rate / 10
 beta2 = 0.99  # a little larger than GPT-2's 0.95 because there are few tokens per iteration
 warmup_iters = 100
 
-compile = True  # pays off on CUDA; set --compile=False on CPU or MPS if compilation is slow there
+# compile is 'auto' (the default): on for CUDA, where it pays; off on CPU and MPS, where it does not

@@ -137,3 +137,60 @@ def resume(path, learning_rate=1e-3, betas=(0.9, 0.99), weight_decay=0.1):
     optimizer = model.configure_optimizers(weight_decay, learning_rate, betas)
     optimizer.load_state_dict(checkpoint["optimizer"])
     return model, optimizer, checkpoint
+
+
+@torch.no_grad()
+def generate(model, idx, max_new_tokens, temperature=0.8, top_k=200):
+    """nanoGPT's sampling loop: no KV cache, the whole (cropped) context runs through the model for
+    every new token."""
+    block_size = model.transformer.wpe.weight.size(0)
+    for _ in range(max_new_tokens):
+        context = idx[:, -block_size:]
+        pos = torch.arange(context.size(1), device=idx.device)
+        x = model.transformer.drop(model.transformer.wte(context) + model.transformer.wpe(pos))
+        for layer in model.transformer.h:
+            x = layer(x)
+        logits = model.lm_head(model.transformer.ln_f(x)[:, [-1], :])[:, -1, :] / temperature
+        if top_k is not None:
+            v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+            logits[logits < v[:, [-1]]] = -float("inf")
+        idx = torch.cat((idx, torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)), dim=1)
+    return idx
+
+
+def main(argv):
+    """python tests/nanogpt_reference.py OUT_DIR META_PKL [NUM_SAMPLES MAX_NEW_TOKENS]: what nanoGPT's
+    sample.py does on a CPU (float32, samples one after another), for timing against ours.
+    python tests/nanogpt_reference.py --write OUT_DIR VOCAB_SIZE: a checkpoint of the GPU recipe's shape."""
+    import os
+    import pickle
+    import sys
+    import time
+    if argv[0] == "--write":
+        out_dir, vocab_size = argv[1], int(argv[2])
+        os.makedirs(out_dir, exist_ok=True)
+        args = dict(n_layer=6, n_head=6, n_embd=384, block_size=256, bias=False, vocab_size=vocab_size, dropout=0.2)
+        model = NanoGPT(**args)
+        optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99))
+        write_checkpoint(os.path.join(out_dir, "ckpt.pt"), model, optimizer, args, 0, 10.0, NANOGPT_CONFIG)
+        return
+    t0 = time.perf_counter()
+    out_dir, meta_path = argv[0], argv[1]
+    num_samples, max_new_tokens = (int(a) for a in argv[2:4]) if len(argv) > 2 else (10, 500)
+    torch.manual_seed(1337)
+    model, _, _ = resume(os.path.join(out_dir, "ckpt.pt"))
+    model.eval()
+    with open(meta_path, "rb") as f:
+        meta = pickle.load(f)
+    stoi, itos = meta["stoi"], meta["itos"]
+    x = torch.tensor([stoi[c] for c in "\n"], dtype=torch.long)[None, ...]
+    for _ in range(num_samples):
+        y = generate(model, x, max_new_tokens)
+        print("".join(itos[i] for i in y[0].tolist()))
+        print("---------------")
+    print(f"{time.perf_counter() - t0:.2f} s after imports", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    import sys
+    main(sys.argv[1:])

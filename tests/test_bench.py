@@ -1,17 +1,34 @@
+import sys
+
+import pytest
+
 from bench import BenchConfig, bench, flops_per_iter
 from model import GPT, GPTConfig
 
 
-def test_bench_times_both_paths_and_prints_one_table(capsys):
+def test_bench_times_every_path_and_prints_one_table(capsys):
     cfg = BenchConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=2, device="cpu", dtype="float32",
-                      steps=2, rounds=1, sample_tokens=20)
+                      steps=2, rounds=1, sample_tokens=20, num_samples=3)
     variants = bench(cfg)
-    assert [v.name for v in variants] == ["this repo", "nanoGPT path"]
-    assert variants[0].fused and not variants[1].fused and variants[0].use_cache and not variants[1].use_cache
+    assert [v.name for v in variants] == ["this repo", "+ Muon, RoPE", "nanoGPT path"]
+    assert [v.optimizer_name for v in variants] == ["fused AdamW", "Muon+fused AdamW", "AdamW"]
+    assert [v.pos_encoding for v in variants] == ["learned", "rope", "learned"]
+    assert [v.use_cache for v in variants] == [True, True, False]
     for v in variants:
         assert len(v.step_times) == 1 and v.step_times[0] > 0 and v.sample_rates[0] > 0 and v.peak_mb > 0
+        assert v.batch_times[0] > 0
+    # nanoGPT makes its samples one after another: 3 samples cost 3 single streams
+    nano = variants[-1]
+    assert nano.batch_times[0] == pytest.approx(3 * 20 / nano.sample_rates[0])
     out = capsys.readouterr().out
-    assert "ms/iter" in out and "MFU" in out and "sample tok/s" in out and "speedup" in out
+    assert "ms/iter" in out and "MFU" in out and "sample tok/s" in out and "3 samples s" in out and "speedup" in out
+    assert out.startswith("device: cpu (") and "threads) | torch" in out and "dtype: float32 (asked for)" in out
+
+
+def test_cpu_is_named():
+    from bench import cpu_name
+    name = cpu_name()
+    assert isinstance(name, str) and (name or not sys.platform.startswith("linux"))
 
 
 def test_flops_per_iter_follows_the_6n_rule():

@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -225,3 +226,46 @@ def test_bigram_model():
     # greedy bigram: each token is the argmax of the row of the token before it
     table = model.token_embedding_table.weight
     assert all(out[0, t + 1] == table[out[0, t]].argmax() for t in range(20))
+
+
+def test_muon_matches_torch_optim_muon_and_loads_its_state():
+    """With bfloat16 Newton-Schulz our Muon is torch.optim.Muon (adjust_lr_fn='match_rms_adamw'),
+    step for step and bit for bit, for wide, tall and same-shaped matrices (those are orthogonalised
+    as one batch); and it continues from torch's saved state."""
+    from model import Muon
+    torch.manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(48, 16)), torch.nn.Parameter(torch.randn(16, 40)),
+            torch.nn.Parameter(torch.randn(48, 16))]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    a = Muon(ours, lr=3e-3, weight_decay=0.1, ns_dtype=torch.bfloat16)
+    b = torch.optim.Muon(theirs, lr=3e-3, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+
+    def step(params, opt, grads):
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+
+    for i in range(4):
+        grads = [torch.randn_like(p) for p in ours]
+        step(ours, a, grads)
+        step(theirs, b, grads)
+    assert all(torch.equal(p, q) for p, q in zip(ours, theirs))
+    resumed = [torch.nn.Parameter(p.detach().clone()) for p in theirs]
+    c = Muon(resumed, lr=1.0, ns_dtype=torch.bfloat16)
+    c.load_state_dict(copy.deepcopy(b.state_dict()))  # torch's state: lr, momentum and buffers come with it
+    grads = [torch.randn_like(p) for p in ours]
+    step(resumed, c, grads)
+    step(theirs, b, grads)
+    assert all(torch.equal(p, q) for p, q in zip(resumed, theirs))
+
+
+def test_orthogonalize_in_float32_moves_singular_values_near_one():
+    from model import orthogonalize
+    torch.manual_seed(0)
+    g = torch.randn(96, 32) @ torch.diag(torch.logspace(-1, 1, 32))  # singular values over 2 decades
+    for dtype in (torch.float32, torch.bfloat16):
+        s = torch.linalg.svdvals(orthogonalize(g, dtype=dtype).float())
+        assert orthogonalize(g, dtype=dtype).dtype == dtype
+        assert 0.5 < s.min() and s.max() < 1.5, (dtype, s)
+    diff = orthogonalize(g, dtype=torch.float32) - orthogonalize(g, dtype=torch.bfloat16).float()
+    assert diff.norm() / orthogonalize(g, dtype=torch.float32).norm() < 0.05  # the same update, up to bf16 rounding

@@ -1,6 +1,9 @@
+import errno
 import hashlib
 import os
 import pickle
+import subprocess
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -139,3 +142,62 @@ def test_vocab_from_refuses_foreign_characters_and_writes_nothing(tmp_path):
     src.write_text("cab bac\n" * 20, encoding="utf-8")
     tok = prepare_dataset("new", input_path=str(src), data_dir=str(tmp_path), vocab_from="base")
     assert tok.stoi == CharTokenizer.load(tmp_path / "base" / "meta.pkl").stoi  # the base's ids, not its own
+
+
+def test_nanogpt_meta_pkl_loads(tmp_path):
+    """meta.pkl as nanoGPT's data/shakespeare_char/prepare.py writes it."""
+    data = TINY_TEXT
+    chars = sorted(list(set(data)))
+    stoi = {ch: i for i, ch in enumerate(chars)}
+    itos = {i: ch for i, ch in enumerate(chars)}
+    with open(tmp_path / "meta.pkl", "wb") as f:
+        pickle.dump({"vocab_size": len(chars), "itos": itos, "stoi": stoi}, f)
+    assert CharTokenizer.load(str(tmp_path / "meta.pkl")).chars == "".join(chars)
+
+
+def test_a_pickle_that_would_run_code_is_refused(tmp_path):
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    with open(tmp_path / "meta.pkl", "wb") as f:
+        pickle.dump({"vocab_size": 1, "itos": {0: Payload()}, "stoi": {}}, f)
+    with pytest.raises(DatasetError, match="not a vocabulary file .*it asks for .*open, and only plain data"):
+        CharTokenizer.load(str(tmp_path / "meta.pkl"))
+    assert not marker.exists()
+
+
+def dead_pid():
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_preparing_again_replaces_the_whole_set_and_removes_leftovers(tmp_path):
+    out = tmp_path / "data" / "mine"
+    prepare(TEXT, str(out))
+    leftover = tmp_path / "data" / f".mine.tmp{dead_pid()}"  # a prepare killed midway
+    leftover.mkdir()
+    (leftover / "train.bin").write_bytes(b"\0\0")
+    tok = prepare(TINY_TEXT, str(out))
+    assert CharTokenizer.load(str(out / "meta.pkl")).chars == tok.chars
+    assert tok.decode(np.fromfile(out / "val.bin", dtype=np.uint16).tolist()) == TINY_TEXT[int(len(TINY_TEXT) * 0.9):]
+    assert (out / "input.txt").read_text(encoding="utf-8") == TINY_TEXT
+    assert sorted(os.listdir(tmp_path / "data")) == ["mine"]
+
+
+def test_a_full_disk_while_preparing_keeps_the_old_set(tmp_path, monkeypatch):
+    out = tmp_path / "data" / "mine"
+    prepare(TEXT, str(out))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pickle, "dump", full)  # the third of the four files
+    with pytest.raises(DatasetError, match="could not write the dataset to .*No space left on device; nothing"):
+        prepare(TINY_TEXT, str(out))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(os.listdir(tmp_path / "data")) == ["mine"]

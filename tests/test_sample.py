@@ -34,12 +34,21 @@ def test_sample_script_end_to_end(trained):
 
 def test_seed_makes_samples_repeatable_and_streaming_matches(trained):
     outs = []
-    for num_samples in (1, 1, 2):
+    for num_samples in (1, 1, 3, 3):
         buf = io.StringIO()
         sample(sample_cfg(trained, start="All:", num_samples=num_samples, max_new_tokens=40, seed=5), out=buf)
         outs.append(buf.getvalue().split("---------------\n"))
-    assert outs[0] == outs[1]  # same seed, same text
-    assert outs[0][0] == outs[2][0]  # streaming one sample prints the same text as the batch path
+    assert outs[0] == outs[1] and outs[2] == outs[3]  # same seed, same text
+    assert len(outs[0]) == 2 and len(outs[2]) == 4 and len(set(outs[2][:3])) == 3  # one batch, three texts
+    assert all(s.startswith("All:") and len(s) == 4 + 40 + 1 for s in outs[0][:1] + outs[2][:3])
+
+
+def test_a_batch_of_samples_is_what_the_model_makes_one_by_one(trained):
+    """Each row of a batch is a valid sample: greedy decoding gives every row the single-stream text."""
+    one, many = io.StringIO(), io.StringIO()
+    sample(sample_cfg(trained, start="ROMEO:", num_samples=1, max_new_tokens=40, temperature=0.0), out=one)
+    sample(sample_cfg(trained, start="ROMEO:", num_samples=4, max_new_tokens=40, temperature=0.0), out=many)
+    assert many.getvalue() == one.getvalue() * 4
 
 
 def test_greedy_and_start_from_file(trained, tmp_path):

@@ -274,7 +274,21 @@ def test_non_ascii_text_trains(tmp_path):
     assert train(cfg)["val"] < math.log(tok.vocab_size) - 1
 
 
-def test_muon_trains_and_resumes_exactly(tiny_cfg):
+@pytest.mark.parametrize("bf16_speedup, ns_dtype", [(2.0, torch.bfloat16), (0.02, torch.float32)])
+def test_muon_trains_and_resumes_exactly(tiny_cfg, monkeypatch, bf16_speedup, ns_dtype):
+    """Muon's Newton-Schulz runs in bf16 where the probe finds it native, in float32 elsewhere; both
+    resume exactly."""
+    import model as model_module
+    import train as train_module
+    monkeypatch.setattr(train_module, "cpu_bf16_speedup", lambda: bf16_speedup)
+    used = []
+    real_init = model_module.Muon.__init__
+
+    def recording_init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        used.append(self.ns_dtype)
+
+    monkeypatch.setattr(model_module.Muon, "__init__", recording_init)
     cfg = dataclasses.replace(tiny_cfg, optimizer="muon", always_save_checkpoint=True, eval_interval=10)
     straight = train(dataclasses.replace(cfg, out_dir=cfg.out_dir + "-straight"))
     assert straight["val"] < 3.0
@@ -283,6 +297,14 @@ def test_muon_trains_and_resumes_exactly(tiny_cfg):
     train(dataclasses.replace(cfg, max_iters=20))
     with pytest.raises(ConfigError, match="resume with --optimizer=muon"):
         train(dataclasses.replace(cfg, init_from="resume", optimizer="adamw"))
+    assert train(dataclasses.replace(cfg, init_from="resume")) == straight
+    assert used and set(used) == {ns_dtype}
+
+
+def test_resume_is_exact_under_bf16_autocast(tiny_cfg):
+    cfg = dataclasses.replace(tiny_cfg, dtype="bfloat16", dropout=0.1, always_save_checkpoint=True, eval_interval=10)
+    straight = train(dataclasses.replace(cfg, out_dir=cfg.out_dir + "-straight"))
+    train(dataclasses.replace(cfg, max_iters=20))
     assert train(dataclasses.replace(cfg, init_from="resume")) == straight
 
 
@@ -544,3 +566,82 @@ def test_wandb_missing_is_one_line(tiny_cfg, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb now raises ImportError
     with pytest.raises(UserError, match="wandb_log=True needs the wandb package: pip install wandb"):
         train(dataclasses.replace(tiny_cfg, wandb_log=True))
+
+
+@pytest.mark.parametrize("override, key", [(dict(batch_size=4), "batch_size"), (dict(block_size=16), "block_size"),
+                                           (dict(learning_rate=1e-2), "learning_rate"),
+                                           (dict(gradient_accumulation_steps=2), "gradient_accumulation_steps")])
+def test_resume_refuses_settings_that_change_the_run(tiny_cfg, override, key):
+    train(tiny_cfg)
+    path = os.path.join(tiny_cfg.out_dir, "ckpt.pt")
+    before = os.path.getmtime(path)
+    with pytest.raises(ConfigError, match=f"was trained with {key}=.*resume with --{key}=.*--init_from="):
+        train(dataclasses.replace(tiny_cfg, init_from="resume", max_iters=60, **override))
+    assert os.path.getmtime(path) == before
+    # what may change: the length of the run, evaluation and logging
+    train(dataclasses.replace(tiny_cfg, init_from="resume", max_iters=60, lr_decay_iters=40, eval_interval=10,
+                              eval_iters=2, log_interval=5))
+
+
+def test_raising_the_time_budget_on_resume_does_not_rewind_the_schedule(tiny_cfg):
+    cfg = dataclasses.replace(tiny_cfg, max_iters=10_000_000, max_seconds=0.3, eval_interval=10_000_000,
+                              always_save_checkpoint=True, log_interval=1, warmup_iters=2)
+    train(cfg)
+    first = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))["iter_num"]
+    train(dataclasses.replace(cfg, max_seconds=0.6, init_from="resume"))
+    with open(os.path.join(cfg.out_dir, "metrics.csv")) as f:
+        rows = list(csv.DictReader(f))
+    lrs = [float(r["lr"]) for r in rows if r["kind"] == "log"]
+    assert len(lrs) > first + 5
+    assert lrs[first - 1] == pytest.approx(cfg.min_lr, rel=0.2)  # the first budget ended the cosine
+    assert max(lrs[first:]) <= cfg.min_lr * 1.000001  # and past it the rate stays at min_lr
+    evals = [int(r["iter"]) for r in rows if r["kind"] == "eval"]
+    assert len(evals) == len(set(evals))  # no eval row twice at the resume point
+
+
+def test_resume_of_a_weights_only_checkpoint_is_one_line(tiny_cfg):
+    train(tiny_cfg)
+    path = os.path.join(tiny_cfg.out_dir, "ckpt.pt")
+    slim = {k: v for k, v in load_checkpoint(path).items() if k in ("model", "model_args", "config", "iter_num",
+                                                                    "best_val_loss")}
+    torch.save(slim, path)
+    with pytest.raises(CheckpointError, match="holds weights only, no optimizer state.*fine-tune from it"):
+        train(dataclasses.replace(tiny_cfg, init_from="resume", max_iters=60))
+
+
+def test_out_of_memory_is_one_line_naming_what_to_lower(tiny_cfg, monkeypatch):
+    from model import GPT as GPTModel
+    from train import main
+
+    def exhausted(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(GPTModel, "forward", exhausted)
+    args = [f"--{k}={v}" for k, v in dataclasses.asdict(tiny_cfg).items()]
+    with pytest.raises(UserError, match=r"out of memory on cpu .*lower --batch_size \(8\) or --block_size \(32\)"):
+        main(args)
+    monkeypatch.setattr(GPTModel, "forward", lambda *a, **k: (_ for _ in ()).throw(
+        RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not enough memory")))
+    with pytest.raises(UserError, match="out of memory on cpu"):
+        main(args)
+
+
+def test_dataset_files_that_do_not_belong_together_are_refused(tiny_cfg, tiny_data):
+    from prepare_shakespeare import CharTokenizer
+    meta = os.path.join(tiny_data, "tiny", "meta.pkl")
+    import pickle
+    with open(meta, "wb") as f:
+        pickle.dump(CharTokenizer.from_text("abc").meta(), f)  # a smaller vocabulary than the tokens use
+    with pytest.raises(UserError, match="does not belong with .*meta.pkl"):
+        train(tiny_cfg)
+    assert not os.path.exists(tiny_cfg.out_dir)
+
+
+def test_compile_follows_the_device_unless_set():
+    from train import use_compile
+    assert use_compile("auto", "cuda") and use_compile("auto", "cuda:1")
+    assert not use_compile("auto", "cpu") and not use_compile("auto", "mps")
+    assert use_compile(True, "cpu") and not use_compile(False, "cuda")
+    from configurator import configure
+    from conftest import REPO
+    assert configure(TrainConfig, [os.path.join(REPO, "config", "train_shakespeare_char.py")]).compile == "auto"

@@ -1,0 +1,179 @@
+"""A sweep of bad input against every script: each gets one line on stderr, a non-zero exit and no
+traceback, and nothing on disk changes. The scripts' main() runs in this process through run_main,
+as `python SCRIPT ...` runs it (tests/test_train.py runs a few as real subprocesses)."""
+import dataclasses
+import os
+import pickle
+import sys
+
+import pytest
+import torch
+
+import bench
+import prepare_shakespeare
+import sample
+import train
+from configurator import run_main
+
+
+class Hostile:
+    """Unpickling this runs code: it would create the file `marker`."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.fixture
+def world(tiny_cfg, tmp_path):
+    """A trained run, plus files of every bad kind, all under tmp_path."""
+    cfg = dataclasses.replace(tiny_cfg, max_iters=10, lr_decay_iters=10, eval_interval=10)
+    train.train(cfg)
+    d = tmp_path / "bad"
+    d.mkdir()
+    (d / "folder").mkdir()
+    (d / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    (d / "empty.txt").write_text("")
+    (d / "syntax.py").write_text("batch_size = = 3\n")
+    (d / "raises.py").write_text("batch_size = 1 / 0\n")
+    (d / "foreign.txt").write_text("ROMEO: \u4e2d\n")
+    marker = str(tmp_path / "code_ran")
+    for name, payload in [("truncated", None), ("list", [1, 2, 3]), ("hostile", Hostile(marker)),
+                          ("folder_ckpt", None)]:
+        out = d / f"out_{name}"
+        out.mkdir()
+        if name == "truncated":
+            data = open(os.path.join(cfg.out_dir, "ckpt.pt"), "rb").read()
+            (out / "ckpt.pt").write_bytes(data[: len(data) // 2])
+        elif name == "folder_ckpt":
+            (out / "ckpt.pt").mkdir()
+        elif name == "list":
+            torch.save(payload, out / "ckpt.pt")  # a torch file from another program
+        else:
+            with open(out / "ckpt.pt", "wb") as f:
+                pickle.dump(payload, f)
+    for name, payload in [("notpickle", b"this is not a pickle"), ("hostile", Hostile(marker)),
+                          ("wrongshape", {"vocab_size": 3, "itos": {0: "ab"}})]:
+        ds = tmp_path / "data" / f"meta_{name}"
+        ds.mkdir()
+        for split in ("train.bin", "val.bin"):
+            (ds / split).write_bytes((tmp_path / "data" / "tiny" / split).read_bytes())
+        with open(ds / "meta.pkl", "wb") as f:
+            f.write(payload) if isinstance(payload, bytes) else pickle.dump(payload, f)
+    ds = tmp_path / "data" / "odd_bin"
+    ds.mkdir()
+    for name in ("train.bin", "val.bin", "meta.pkl"):
+        (ds / name).write_bytes((tmp_path / "data" / "tiny" / name).read_bytes())
+    with open(ds / "train.bin", "ab") as f:
+        f.write(b"\x01")  # half a token: truncated, or not a token file
+    return cfg, d, marker
+
+
+def snapshot(root):
+    return sorted((str(p), p.stat().st_mtime_ns, p.stat().st_size if p.is_file() else 0) for p in root.rglob("*"))
+
+
+def T(cfg):
+    """train.py arguments that point at the tiny dataset and run."""
+    return [f"--data_dir={cfg.data_dir}", "--dataset=tiny", f"--out_dir={cfg.out_dir}", "--device=cpu",
+            "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=8", "--dropout=0.0",
+            "--max_iters=10", "--lr_decay_iters=10", "--warmup_iters=5", "--eval_interval=10", "--eval_iters=4",
+            "--learning_rate=3e-3", "--dtype=float32", "--seed=0"]
+
+
+CASES = [
+    # train.py: settings
+    ("train", ["--batch_size=0"], "batch_size must be positive, got 0"),
+    ("train", ["--learning_rate=-1"], "learning_rate must be positive, got -1.0"),
+    ("train", ["--learning_rate=1e999"], "learning_rate must be a finite number"),
+    ("train", ["--min_lr=0.5"], "min_lr must be between 0 and learning_rate"),
+    ("train", ["--beta2=1.5"], "beta2 must be in [0, 1)"),
+    ("train", ["--dropout=1.0"], "dropout must be in [0, 1)"),
+    ("train", ["--grad_clip=-1"], "grad_clip must be >= 0"),
+    ("train", ["--warmup_iters=500", "--lr_decay_iters=100"], "lr_decay_iters must be greater than warmup_iters"),
+    ("train", ["--device=cpu:x"], "device must be auto, cpu, cuda, cuda:N or mps, got 'cpu:x'"),
+    ("train", ["--device=cuda:0"], "this PyTorch sees no CUDA GPU"),
+    ("train", ["--dtype=float8"], "dtype must be one of 'auto', 'float32', 'bfloat16', 'float16'"),
+    ("train", ["--dtype=float16"], "float16 autocast is for GPUs"),
+    ("train", ["--compile=yes"], "compile must be one of True, False, 'auto'"),
+    ("train", ["--optimizer=sgd"], "optimizer must be one of 'adamw', 'muon'"),
+    ("train", ["--backend=mpi"], "backend must be one of"),
+    ("train", ["--pos_encoding=alibi"], "pos_encoding must be 'learned', 'sinusoidal' or 'rope'"),
+    ("train", ["--init_from=gpt2-xl"], "GPT-2 weights are not supported"),
+    ("train", ["--max_seconds=-1"], "max_seconds must be >= 0"),
+    ("train", ["--eval_iters=0"], "eval_iters must be positive"),
+    ("train", ["--dataset=../elsewhere"], "dataset must be the name of a folder under data_dir"),
+    ("train", ["--n_layer=2.5"], "n_layer must be int"),
+    ("train", ["--batch_size"], "'--batch_size' has no value"),
+    # train.py: files
+    ("train", ["{d}/folder"], "is a folder; give a .py file"),
+    ("train", ["{d}/latin1.txt"], "is not UTF-8 text"),
+    ("train", ["{d}/syntax.py"], "failed to run: SyntaxError"),
+    ("train", ["{d}/raises.py"], "failed to run: ZeroDivisionError"),
+    ("train", ["--init_from=resume", "--out_dir={d}/out_truncated"], "is not a readable checkpoint"),
+    ("train", ["--init_from=resume", "--out_dir={d}/out_folder_ckpt"], "is not a readable checkpoint"),
+    ("train", ["--init_from=resume", "--out_dir={d}/out_list"], "is not a checkpoint of this project or nanoGPT"),
+    ("train", ["--init_from=resume", "--out_dir={d}/out_hostile"], "is not a readable checkpoint"),
+    ("train", ["--init_from={d}/out_hostile/ckpt.pt", "--out_dir={d}/new"], "is not a readable checkpoint"),
+    ("train", ["--init_from=resume", "--batch_size=4"], "was trained with batch_size=8, not 4"),
+    ("train", ["--dataset=meta_notpickle"], "meta.pkl is not a vocabulary file"),
+    ("train", ["--dataset=meta_hostile"], "meta.pkl is not a vocabulary file (UnpicklingError: it asks for"),
+    ("train", ["--dataset=meta_wrongshape"], "meta.pkl is not a vocabulary file"),
+    ("train", ["--dataset=odd_bin"], "does not belong with"),
+    ("train", ["--dataset=missing"], "dataset 'missing' is not prepared"),
+    # sample.py
+    ("sample", ["--start="], "start must be a prompt of at least one character"),
+    ("sample", ["--start=FILE:{d}/empty.txt"], "the prompt file {d}/empty.txt is empty"),
+    ("sample", ["--start=FILE:{d}/folder"], "is a folder; give a text file"),
+    ("sample", ["--start=FILE:{d}/latin1.txt"], "is not UTF-8 text"),
+    ("sample", ["--start=FILE:{d}/nothere.txt"], "can't read the prompt file"),
+    ("sample", ["--start=FILE:{d}/foreign.txt"], "characters not in the vocabulary"),
+    ("sample", ["--top_k=0"], "top_k must be positive, or None"),
+    ("sample", ["--top_k=-3"], "top_k must be positive, or None"),
+    ("sample", ["--temperature=-1"], "temperature must be >= 0"),
+    ("sample", ["--num_samples=0"], "num_samples must be positive"),
+    ("sample", ["--max_new_tokens=0"], "max_new_tokens must be positive"),
+    ("sample", ["--device=cpu:x"], "device must be auto, cpu, cuda, cuda:N or mps"),
+    ("sample", ["--init_from=gpt2"], "GPT-2 weights are not supported"),
+    ("sample", ["--init_from=scratch"], "init_from must be 'resume'"),
+    ("sample", ["--out_dir={d}/out_truncated"], "is not a readable checkpoint"),
+    ("sample", ["--out_dir={d}/out_hostile"], "is not a readable checkpoint"),
+    ("sample", ["--out_dir={d}/nothing"], "no checkpoint at"),
+    # prepare_shakespeare.py
+    ("prepare", ["--input", "{d}/folder"], "is a folder; give a text file"),
+    ("prepare", ["--input", "{d}/latin1.txt"], "is not UTF-8 text"),
+    ("prepare", ["--input", "{d}/empty.txt"], "is empty"),
+    ("prepare", ["--input", "{d}/nothere.txt"], "not found"),
+    ("prepare", ["--input", "{d}/foreign.txt", "--vocab_from", "meta_hostile"], "meta.pkl is not a vocabulary file"),
+    ("prepare", ["--input", "{d}/foreign.txt", "--vocab_from", "tiny"], "characters not in the vocabulary"),
+    ("prepare", ["--input", "{d}/foreign.txt", "--data_dir", "{d}/latin1.txt/data"], "could not write the dataset"),
+    # bench.py
+    ("bench", ["--steps=0"], "steps must be positive"),
+    ("bench", ["--n_embd=100", "--n_head=3"], "n_embd=100 is not divisible by n_head=3"),
+    ("bench", ["--device=gpu"], "device must be auto, cpu, cuda, cuda:N or mps"),
+]
+
+
+@pytest.mark.parametrize("script, args, message", CASES, ids=[" ".join([c[0]] + c[1]) for c in CASES])
+def test_bad_input_gets_one_line_and_changes_nothing(world, tmp_path, monkeypatch, capsys, script, args, message):
+    cfg, d, marker = world
+    module = {"train": train, "sample": sample, "prepare": prepare_shakespeare, "bench": bench}[script]
+    args = [a.replace("{d}", str(d)) for a in args]
+    common = {"train": T(cfg), "sample": [f"--out_dir={cfg.out_dir}", "--device=cpu"],
+              "prepare": ["--data_dir", cfg.data_dir], "bench": ["--device=cpu"]}[script]
+    # config files come first, as on a command line; the case's own --key=value come last and win
+    argv = [a for a in args if not a.startswith("-")] + common + [a for a in args if a.startswith("-")]
+    if script == "prepare":
+        argv = common + args
+    before = snapshot(tmp_path)
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", *argv])
+    with pytest.raises(SystemExit) as exit_:
+        run_main(module.main)
+    err = capsys.readouterr().err
+    assert exit_.value.code in (1, 2)
+    assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err, err
+    assert message.replace("{d}", str(d)) in err, err
+    assert snapshot(tmp_path) == before
+    assert not os.path.exists(marker)  # no file this repo reads can run code
