@@ -154,6 +154,9 @@ def test_explicit_attention_equals_sdpa():
     q, k, v = torch.randn(3, 2, 4, 10, 8, generator=torch.Generator().manual_seed(4))
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
     torch.testing.assert_close(explicit_attention(q, k, v), expected, rtol=1e-5, atol=1e-5)
+    # one new token against cached keys and values: no mask, as scaled_dot_product_attention without is_causal
+    last = torch.nn.functional.scaled_dot_product_attention(q[:, :, -1:], k, v)
+    torch.testing.assert_close(explicit_attention(q[:, :, -1:], k, v), last, rtol=1e-5, atol=1e-5)
 
 
 def test_bf16_autocast_close_to_fp32():
