@@ -11,6 +11,7 @@ selection, batching and checkpoint save/load, which sample.py and bench.py use.
 
 import csv
 import functools
+import json
 import math
 import os
 import signal
@@ -624,6 +625,19 @@ def check_optimizer_state(optimizer):
                                           f"shape {tuple(t.shape)} for a parameter of shape {tuple(p.shape)}")
 
 
+def record_config(cfg):
+    """Write the run's effective settings to out_dir/config.json and print those that differ from
+    TrainConfig's defaults, so that a run says what it is before the first checkpoint does."""
+    settings = asdict(cfg)
+    changed = {k: v for k, v in settings.items() if v != TrainConfig.__dataclass_fields__[k].default}
+    print("config: " + (", ".join(f"{k}={v}" for k, v in changed.items()) or "the defaults"))
+    try:
+        write_atomic(os.path.join(cfg.out_dir, "config.json"),
+                     lambda f: f.write(json.dumps(settings, indent=2).encode("utf-8")))
+    except OSError as e:
+        raise UserError(f"can't write {os.path.join(cfg.out_dir, 'config.json')}: {e.strerror}") from None
+
+
 def restore_training_state(checkpoint, cfg, model, optimizer, scaler, data_rng, device, rank=0):
     """Load what --init_from=resume continues from; returns (iter_num, best_val_loss, train_seconds)."""
     state = checkpoint.get("optimizer")
@@ -700,6 +714,8 @@ def train(cfg):
 
     accum = cfg.gradient_accumulation_steps // world_size
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
+    if master and not cfg.eval_only:
+        record_config(cfg)
     if master:
         print(f"parameters: {raw_model.get_num_params() / 1e6:.2f}M | tokens per iteration: {tokens_per_iter:,} | "
               f"device: {device} | dtype: {describe_dtype(cfg.dtype, dtype, device)}" + (f" | processes: {world_size}" if world_size > 1 else ""))
@@ -810,10 +826,12 @@ def train(cfg):
                     loss /= world_size  # the global batch's loss, not just this process's share
                 if master:
                     now = time.perf_counter()
-                    tok_per_s = window_iters * tokens_per_iter / max(now - window_start, 1e-9)
+                    seconds = max(now - window_start, 1e-9)
+                    tok_per_s, ms_per_iter = window_iters * tokens_per_iter / seconds, 1000 * seconds / window_iters
                     window_start, window_iters = now, 0
                     bar.set_postfix_str(f"{'iter ' + str(iter_num) + ', ' if timed else ''}loss {loss.item():.4f}, "
-                                        f"lr {lr:.2e}, {tok_per_s:,.0f} tok/s", refresh=False)
+                                        f"lr {lr:.2e}, {ms_per_iter:.0f} ms/iter, {tok_per_s:,.0f} tok/s",
+                                        refresh=False)
                     metrics.write(iter=iter_num, kind="log", loss=f"{loss.item():.6f}", lr=f"{lr:.6e}",
                                   tokens=iter_num * tokens_per_iter, elapsed_s=f"{train_seconds:.3f}")
     bar.close()

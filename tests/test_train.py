@@ -645,3 +645,11 @@ def test_compile_follows_the_device_unless_set():
     from configurator import configure
     from conftest import REPO
     assert configure(TrainConfig, [os.path.join(REPO, "config", "train_shakespeare_char.py")]).compile == "auto"
+
+
+def test_the_run_records_its_config(tiny_cfg, capsys):
+    train(tiny_cfg)
+    with open(os.path.join(tiny_cfg.out_dir, "config.json")) as f:
+        assert json.load(f) == dataclasses.asdict(tiny_cfg)
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("config: "))
+    assert "batch_size=8" in line and "n_layer=2" in line and "beta1" not in line  # only what differs
