@@ -19,7 +19,7 @@ import numpy as np
 import requests
 from tqdm import tqdm
 
-from configurator import ConfigError, UserError, run_main
+from configurator import ConfigError, UserError, check, run_main
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -271,6 +271,14 @@ def main(argv):
     parser.add_argument("--data_dir", default="data", help="folder that holds the datasets")
     parser.add_argument("--vocab_from", help="use the vocabulary of this prepared dataset (for fine-tuning)")
     args = parser.parse_args(argv)
+    for key in ("dataset", "vocab_from"):
+        name = getattr(args, key)
+        check(name is None or (name not in ("", ".", "..") and "/" not in name and os.sep not in name),
+              f"--{key}", name, "the name of a folder under --data_dir")
+    check(args.data_dir != "", "--data_dir", args.data_dir, "a folder")
+    check(args.url.startswith(("http://", "https://")), "--url", args.url, "an http:// or https:// address")
+    check(args.sha256 == "" or (len(args.sha256) == 64 and all(c in "0123456789abcdef" for c in args.sha256.lower())),
+          "--sha256", args.sha256, "64 hexadecimal digits, or '' to skip the check")
     prepare_dataset(args.dataset, args.input, args.url, args.sha256, args.data_dir, args.vocab_from)
 
 

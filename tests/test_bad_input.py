@@ -149,6 +149,9 @@ CASES = [
     ("prepare", ["--input", "{d}/foreign.txt", "--vocab_from", "meta_hostile"], "meta.pkl is not a vocabulary file"),
     ("prepare", ["--input", "{d}/foreign.txt", "--vocab_from", "tiny"], "characters not in the vocabulary"),
     ("prepare", ["--input", "{d}/foreign.txt", "--data_dir", "{d}/latin1.txt/data"], "could not write the dataset"),
+    ("prepare", ["--dataset", "../x"], "--dataset must be the name of a folder under --data_dir, got '../x'"),
+    ("prepare", ["--url", "ftp://x/y"], "--url must be an http:// or https:// address"),
+    ("prepare", ["--sha256", "abc"], "--sha256 must be 64 hexadecimal digits"),
     # bench.py
     ("bench", ["--steps=0"], "steps must be positive"),
     ("bench", ["--n_embd=100", "--n_head=3"], "n_embd=100 is not divisible by n_head=3"),
