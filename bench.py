@@ -11,6 +11,7 @@ alternating the two so that both see the same machine conditions, and reports th
 """
 
 import copy
+import dataclasses
 import os
 import platform
 import statistics
@@ -23,10 +24,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from configurator import ConfigError, check, check_choice, check_device, configure, run_main
-from model import GPT, GPTConfig
-from train import (autocast_context, bf16_is_native, describe_dtype, get_batch, select_device, select_dtype, train_step,
-                   use_compile)
+from configurator import check, check_choice, check_device, configure, run_main
+from model import GPT
+from train import (COMPILE_CHOICES, DTYPES, autocast_context, describe_dtype, get_batch, model_config,
+                   newton_schulz_dtype, select_device, select_dtype, train_step, use_compile)
 
 
 @dataclass
@@ -53,14 +54,10 @@ class BenchConfig:
     def __post_init__(self):
         for key in ("batch_size", "steps", "rounds", "sample_tokens", "num_samples"):
             check(getattr(self, key) > 0, key, getattr(self, key), "positive")
-        check_choice("dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
-        check_choice("compile", self.compile, (True, False, "auto"))
+        check_choice("dtype", self.dtype, DTYPES)
+        check_choice("compile", self.compile, COMPILE_CHOICES)
         check_device("device", self.device)
-        try:  # the model's own settings, checked where the model declares them
-            GPTConfig(block_size=self.block_size, vocab_size=self.vocab_size, n_layer=self.n_layer,
-                      n_head=self.n_head, n_embd=self.n_embd, dropout=self.dropout, bias=self.bias)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+        model_config(self, self.vocab_size)  # the model's own settings, checked where the model declares them
 
 
 def synchronize(device):
@@ -143,12 +140,10 @@ class Variant:
         self.pos_encoding = pos_encoding
         self.device_type = torch.device(device).type
         torch.manual_seed(cfg.seed)
-        self.model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size, n_layer=cfg.n_layer,
-                                   n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias,
-                                   pos_encoding=pos_encoding)).to(device)
-        self.optimizer = self.model.configure_optimizers(
-            0.1, 1e-3, (0.9, 0.99), self.device_type, fused=fused, optimizer=optimizer,
-            muon_dtype=torch.bfloat16 if bf16_is_native(device) else torch.float32)
+        model_args = dataclasses.replace(model_config(cfg, cfg.vocab_size), pos_encoding=pos_encoding)
+        self.model = GPT(model_args).to(device)
+        self.optimizer = self.model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), self.device_type, fused=fused,
+                                                         optimizer=optimizer, muon_dtype=newton_schulz_dtype(device))
         adamw = self.optimizer.optimizers["adamw"] if optimizer == "muon" else self.optimizer
         self.optimizer_name = ("Muon+" if optimizer == "muon" else "") + \
             ("fused AdamW" if adamw.defaults.get("fused") else "AdamW")

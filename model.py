@@ -373,8 +373,10 @@ def orthogonalize(g, steps=5, dtype=torch.bfloat16, eps=1e-7):
     U V^T, where g = U S V^T: every singular value moves into roughly [0.7, 1.2]. A quintic with
     coefficients tuned by Keller Jordan for speed, not exact convergence; it needs only matmuls, so it
     runs in whatever dtype is fastest."""
+    if g.dim() == 2:
+        return orthogonalize(g[None], steps, dtype, eps)[0]
     a, b, c = 3.4445, -4.7750, 2.0315
-    x = g.to(dtype) if g.dim() == 3 else g.to(dtype)[None]
+    x = g.to(dtype)
     tall = g.size(-2) > g.size(-1)
     if tall:  # iterate on the wide orientation: x @ x.T is then the smaller Gram matrix
         x = x.mT
@@ -383,8 +385,7 @@ def orthogonalize(g, steps=5, dtype=torch.bfloat16, eps=1e-7):
         gram = x @ x.mT
         poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # b * gram + c * gram @ gram
         x = torch.baddbmm(x, poly, x, beta=a)  # a * x + poly @ x
-    x = x.mT if tall else x
-    return x if g.dim() == 3 else x[0]
+    return x.mT if tall else x
 
 
 class Muon(torch.optim.Optimizer):
@@ -406,18 +407,17 @@ class Muon(torch.optim.Optimizer):
     def step(self):
         for group in self.param_groups:
             lr, momentum = group["lr"], group["momentum"]
-            params = [p for p in group["params"] if p.grad is not None]
-            updates = []
-            for p in params:
+            same_shape = {}  # shape -> [(parameter, its update before orthogonalisation)]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
                 state = self.state[p]
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(p)
                 buf = state["momentum_buffer"]
                 buf.lerp_(p.grad, 1 - momentum)  # an exponential moving average of the gradients
-                updates.append(p.grad.lerp(buf, momentum))  # Nesterov: look ahead along the average
-            same_shape = {}
-            for p, u in zip(params, updates):
-                same_shape.setdefault(p.shape, []).append((p, u))
+                update = p.grad.lerp(buf, momentum)  # Nesterov: look ahead along the average
+                same_shape.setdefault(p.shape, []).append((p, update))
             for shape, pairs in same_shape.items():
                 ortho = orthogonalize(torch.stack([u for _, u in pairs]), group["ns_steps"], self.ns_dtype)
                 for (p, _), o in zip(pairs, ortho):

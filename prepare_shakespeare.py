@@ -31,6 +31,12 @@ class DatasetError(UserError):
     pass
 
 
+def check_dataset_name(key, name, data_dir_key="data_dir"):
+    """A dataset is a folder directly under data_dir: a name, not a path."""
+    ok = name not in ("", ".", "..") and "/" not in name and os.sep not in name
+    check(ok, key, name, f"the name of a folder under {data_dir_key}")
+
+
 class PlainDataUnpickler(pickle.Unpickler):
     """Unpickles dicts, lists, strings and numbers only: those need no find_class, anything else does."""
 
@@ -101,28 +107,29 @@ def sha256_of(path):
 
 
 def download(url, path, sha256=None, timeout=30):
-    """Download url to path through a temporary file that is renamed only once complete and verified."""
-    tmp = f"{path}.part{os.getpid()}"
-    try:
+    """Download url to path (write_atomic), verifying the SHA-256 as the bytes arrive: path appears
+    only once the download is complete and verified."""
+
+    def fetch(f):
+        digest = hashlib.sha256()
         with requests.get(url, stream=True, timeout=timeout) as r:
             r.raise_for_status()
             total = int(r.headers.get("content-length", 0)) or None
-            with open(tmp, "wb") as f, tqdm(total=total, unit="B", unit_scale=True,
-                                             desc=f"downloading {os.path.basename(path)}") as bar:
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {os.path.basename(path)}") as bar:
                 for chunk in r.iter_content(chunk_size=1 << 16):
                     f.write(chunk)
+                    digest.update(chunk)
                     bar.update(len(chunk))
-        if sha256 and sha256_of(tmp) != sha256:
+        if sha256 and digest.hexdigest() != sha256:
             raise DatasetError(f"download from {url} has the wrong SHA-256 checksum (expected {sha256}); "
                                f"try again, or pass --input with a local copy")
-        os.replace(tmp, path)
+
+    try:
+        write_atomic(path, fetch)
     except requests.RequestException as e:
         reason = f"HTTP {e.response.status_code}" if e.response is not None else type(e).__name__
         raise DatasetError(f"could not download {url} ({reason}); check your connection, "
                            f"or pass --input with a local copy of the text") from e
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def read_text(path):
@@ -170,7 +177,10 @@ def remove_leftovers(folder, prefix):
         pid = name[len(prefix) + 3:].split(".")[0] if name.startswith(prefix + "tmp") else ""
         if pid.isdigit() and not process_alive(int(pid)):
             path = os.path.join(folder, name)
-            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.remove(path)
 
 
 def process_alive(pid):
@@ -271,10 +281,9 @@ def main(argv):
     parser.add_argument("--data_dir", default="data", help="folder that holds the datasets")
     parser.add_argument("--vocab_from", help="use the vocabulary of this prepared dataset (for fine-tuning)")
     args = parser.parse_args(argv)
-    for key in ("dataset", "vocab_from"):
-        name = getattr(args, key)
-        check(name is None or (name not in ("", ".", "..") and "/" not in name and os.sep not in name),
-              f"--{key}", name, "the name of a folder under --data_dir")
+    check_dataset_name("--dataset", args.dataset, "--data_dir")
+    if args.vocab_from is not None:
+        check_dataset_name("--vocab_from", args.vocab_from, "--data_dir")
     check(args.data_dir != "", "--data_dir", args.data_dir, "a folder")
     check(args.url.startswith(("http://", "https://")), "--url", args.url, "an http:// or https:// address")
     check(args.sha256 == "" or (len(args.sha256) == 64 and all(c in "0123456789abcdef" for c in args.sha256.lower())),

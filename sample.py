@@ -15,8 +15,9 @@ import torch
 
 from configurator import ConfigError, UserError, check, check_choice, check_device, configure, run_main
 from prepare_shakespeare import CharTokenizer
-from train import (CheckpointError, load_checkpoint, model_from_checkpoint, refuse_gpt2_weights, same_vocabulary,
-                   out_of_memory, select_device, select_dtype, use_compile)
+from train import (CKPT_NAME, COMPILE_CHOICES, DTYPES, CheckpointError, load_checkpoint, model_from_checkpoint,
+                   out_of_memory_in_one_line, refuse_gpt2_weights, same_vocabulary, select_device, select_dtype,
+                   use_compile)
 
 
 @dataclass
@@ -42,8 +43,8 @@ class SampleConfig:
         check(self.max_new_tokens > 0, "max_new_tokens", self.max_new_tokens, "positive")
         check(self.temperature >= 0, "temperature", self.temperature, ">= 0 (0: always the most likely character)")
         check(self.top_k is None or self.top_k > 0, "top_k", self.top_k, "positive, or None for all characters")
-        check_choice("dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
-        check_choice("compile", self.compile, (True, False, "auto"))
+        check_choice("dtype", self.dtype, DTYPES)
+        check_choice("compile", self.compile, COMPILE_CHOICES)
         check_device("device", self.device)
         if self.init_from != "resume":
             raise ConfigError(f"init_from must be 'resume' (sample the checkpoint in out_dir), got '{self.init_from}'")
@@ -53,8 +54,8 @@ def find_checkpoint(out_dir):
     """out_dir's ckpt.pt; without an out_dir, the most recently written */ckpt.pt under the current
     folder, so that `python sample.py` samples the run just trained, whatever its config named it."""
     if out_dir is not None:
-        return os.path.join(out_dir, "ckpt.pt")
-    found = glob.glob(os.path.join("*", "ckpt.pt"))
+        return os.path.join(out_dir, CKPT_NAME)
+    found = glob.glob(os.path.join("*", CKPT_NAME))
     if not found:
         raise CheckpointError(f"no checkpoint in any folder under {os.getcwd()} (*/ckpt.pt); train a model first: "
                               f"python train.py config/train_shakespeare_char.py, or give --out_dir")
@@ -138,13 +139,8 @@ def sample(cfg, out=sys.stdout):
 
 def main(argv):
     cfg = configure(SampleConfig, argv)
-    try:
+    with out_of_memory_in_one_line(cfg.device, f"--num_samples ({cfg.num_samples}), or sample on the CPU"):
         sample(cfg)
-    except (RuntimeError, MemoryError) as e:
-        oom = out_of_memory(e, cfg.device, f"--num_samples ({cfg.num_samples}), or sample on the CPU")
-        if oom is None:
-            raise
-        raise oom from None
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import signal
 import sys
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -27,7 +27,8 @@ from tqdm import tqdm
 
 from configurator import ConfigError, UserError, check, check_choice, check_device, configure, run_main
 from model import GPTConfig, build_model
-from prepare_shakespeare import DEFAULT_DATASET, CharTokenizer, prepare_dataset, remove_leftovers, write_atomic
+from prepare_shakespeare import (DEFAULT_DATASET, CharTokenizer, check_dataset_name, prepare_dataset, remove_leftovers,
+                                 write_atomic)
 
 
 @dataclass
@@ -98,17 +99,19 @@ class TrainConfig:
                   f"greater than warmup_iters ({self.warmup_iters})")
         check(self.max_seconds >= 0, "max_seconds", self.max_seconds, ">= 0 (0: no time limit)")
         check(self.out_dir != "", "out_dir", self.out_dir, "a folder name")
-        check(self.dataset != "" and os.sep not in self.dataset, "dataset", self.dataset,
-              "the name of a folder under data_dir")
+        check_dataset_name("dataset", self.dataset)
         check_choice("optimizer", self.optimizer, ("adamw", "muon"))
-        check_choice("dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
+        check_choice("dtype", self.dtype, DTYPES)
         check_choice("backend", self.backend, ("auto", "nccl", "gloo"))
-        check_choice("compile", self.compile, (True, False, "auto"))
+        check_choice("compile", self.compile, COMPILE_CHOICES)
         check_device("device", self.device)
         model_config(self, vocab_size=1)  # the model's own settings, checked where the model declares them
 
 
 GPT2_WEIGHTS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # the dtype settings of train.py, sample.py and bench.py
+COMPILE_CHOICES = (True, False, "auto")
+CKPT_NAME, RESUME_NAME = "ckpt.pt", "resume.pt"  # in out_dir: the best model; a stopped run's newer state
 
 
 def refuse_gpt2_weights(init_from):
@@ -136,11 +139,10 @@ def model_args(config):
 def select_device(device="auto"):
     """'auto' is CUDA if there is a GPU, else Apple's MPS, else the CPU. On CUDA, float32 matmuls may
     use TF32 tensor cores (Ampere and newer), as nanoGPT allows: 10 bits of mantissa are plenty here."""
+    check_device("device", device)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     kind, _, index = device.partition(":")
-    if kind not in ("cpu", "cuda", "mps") or (index and not (kind == "cuda" and index.isdigit())):
-        raise ConfigError(f"unknown device '{device}'; use auto, cpu, cuda, cuda:N or mps")
     if kind == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device={device} but this PyTorch sees no CUDA GPU; use --device=cpu or --device=auto")
     if kind == "cuda" and index and int(index) >= torch.cuda.device_count():
@@ -186,6 +188,11 @@ def bf16_is_native(device):
     return False
 
 
+def newton_schulz_dtype(device):
+    """The precision of Muon's orthogonalisation: bf16 where bf16 matmuls are native, else float32."""
+    return torch.bfloat16 if bf16_is_native(device) else torch.float32
+
+
 def select_dtype(dtype, device):
     """'auto': bfloat16 where bf16 matmuls are native (recent GPUs, CPUs with bf16 instructions),
     float16 on older CUDA GPUs (with a GradScaler), float32 elsewhere (MPS, other CPUs)."""
@@ -194,8 +201,7 @@ def select_dtype(dtype, device):
         if bf16_is_native(device):
             return "bfloat16"
         return "float16" if kind == "cuda" else "float32"
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise ConfigError(f"unknown dtype '{dtype}'; use auto, float32, bfloat16 or float16")
+    check_choice("dtype", dtype, DTYPES)
     if dtype == "float16" and kind == "cpu":
         raise ConfigError("float16 autocast is for GPUs; on CPU use --dtype=bfloat16 or --dtype=float32")
     return dtype
@@ -341,8 +347,9 @@ def model_from_checkpoint(checkpoint):
 # ----- training
 
 def model_config(cfg, vocab_size):
-    """The GPTConfig that cfg's model settings describe; GPTConfig's checks become ConfigErrors."""
-    args = {k: getattr(cfg, k) for k in GPTConfig.__dataclass_fields__ if k != "vocab_size"}
+    """The GPTConfig that cfg's model settings describe (GPTConfig's defaults for those cfg lacks);
+    GPTConfig's checks become ConfigErrors."""
+    args = {k: getattr(cfg, k) for k in GPTConfig.__dataclass_fields__ if k != "vocab_size" and hasattr(cfg, k)}
     try:
         return GPTConfig(vocab_size=vocab_size, **args)
     except ValueError as e:
@@ -541,9 +548,9 @@ def init_model(cfg, tok, device):
     if cfg.init_from == "resume" and not cfg.eval_only:
         path, hint = resume_path(cfg.out_dir), "; train one first, or use --init_from=scratch"
     elif cfg.init_from in ("scratch", "resume"):  # eval_only evaluates the run's own (best) checkpoint
-        path, hint = os.path.join(cfg.out_dir, "ckpt.pt"), "; train one first, or use --init_from=scratch"
+        path, hint = os.path.join(cfg.out_dir, CKPT_NAME), "; train one first, or use --init_from=scratch"
     else:  # fine-tuning: a checkpoint file or the out_dir that holds one
-        path = os.path.join(cfg.init_from, "ckpt.pt") if os.path.isdir(cfg.init_from) else cfg.init_from
+        path = os.path.join(cfg.init_from, CKPT_NAME) if os.path.isdir(cfg.init_from) else cfg.init_from
         hint = "; init_from takes 'scratch', 'resume', a ckpt.pt file or an out_dir holding one"
     checkpoint = load_checkpoint(path, device, hint=hint)
     if cfg.init_from == "resume" and not cfg.eval_only:
@@ -588,7 +595,7 @@ def check_resume_settings(cfg, saved, path):
 def resume_path(out_dir):
     """What --init_from=resume continues: out_dir/resume.pt where a signal saved the run's state there
     after the best model (ckpt.pt) was saved, else ckpt.pt."""
-    best, stopped = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "resume.pt")
+    best, stopped = os.path.join(out_dir, CKPT_NAME), os.path.join(out_dir, RESUME_NAME)
     if os.path.exists(stopped) and (not os.path.exists(best) or os.path.getmtime(stopped) >= os.path.getmtime(best)):
         return stopped
     return best
@@ -604,8 +611,9 @@ def legacy_param_order(state, optimizer, model):
     if "wpe" not in getattr(model, "transformer", {}):
         return state  # no learned positions: the order never differed
     wpe = model.transformer.wpe.weight
-    states = list(state.values()) if hasattr(optimizer, "optimizers") else [state]
-    for saved, opt in zip(states, _torch_optimizers(optimizer)):
+    pairs = [(state[name], opt) for name, opt in optimizer.optimizers.items()] if hasattr(optimizer, "optimizers") \
+        else [(state, optimizer)]
+    for saved, opt in pairs:
         now = [p for g in opt.param_groups for p in g["params"]]
         then = []
         for g in opt.param_groups:
@@ -668,8 +676,8 @@ def train(cfg):
     device_type = torch.device(device).type
     dtype = select_dtype(cfg.dtype, device)
     ctx = autocast_context(device_type, dtype)
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")  # the best model (the latest with always_save_checkpoint)
-    stopped_path = os.path.join(cfg.out_dir, "resume.pt")  # a stopped run's state, when ckpt.pt must keep the best
+    ckpt_path = os.path.join(cfg.out_dir, CKPT_NAME)  # the best model (the latest with always_save_checkpoint)
+    stopped_path = os.path.join(cfg.out_dir, RESUME_NAME)  # a stopped run's state, when ckpt.pt must keep the best
     tok = ensure_dataset(cfg, verbose=master) if master else None
     if world_size > 1:
         torch.distributed.barrier()  # rank 0 may have just prepared the data
@@ -684,12 +692,12 @@ def train(cfg):
                           f"use a smaller --block_size or a longer text")
     if master and not cfg.eval_only:
         ensure_writable(cfg.out_dir)  # only now: a run refused above leaves nothing behind
-        for name in ("ckpt.pt.", "resume.pt."):  # half-written checkpoints of runs killed with -9
-            remove_leftovers(cfg.out_dir, name)
+        for name in (CKPT_NAME, RESUME_NAME):  # half-written checkpoints of runs killed with -9
+            remove_leftovers(cfg.out_dir, name + ".")
     model.to(device)
     raw_model = model
 
-    muon_dtype = torch.bfloat16 if cfg.optimizer == "muon" and bf16_is_native(device) else torch.float32
+    muon_dtype = newton_schulz_dtype(device) if cfg.optimizer == "muon" else None
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type,
                                            optimizer=cfg.optimizer, muon_dtype=muon_dtype)
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
@@ -767,6 +775,7 @@ def train(cfg):
                          wandb_run=start_wandb(cfg) if master and cfg.wandb_log else None)
     # the bar runs over iterations, or over the seconds of a time budget (so that its ETA is right)
     timed = cfg.max_seconds > 0
+    clocked = timed or schedule_seconds > 0  # each step's time decides when to stop or what the lr is
     bar = tqdm(total=cfg.max_seconds if timed else cfg.max_iters, initial=train_seconds if timed else iter_num,
                unit="s" if timed else "it", bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f}s [{elapsed}<{remaining}{postfix}]"
                if timed else None, disable=not master, dynamic_ncols=True,
@@ -810,14 +819,14 @@ def train(cfg):
             iter_num += 1
             window_iters += 1
             logging = iter_num % cfg.log_interval == 0
-            if logging or timed:
-                loss.item()  # wait for the step: the only host-device sync (every step with max_seconds)
+            if logging or clocked:
+                loss.item()  # wait for the step: the only host-device sync (every step on a time budget)
             step_seconds = time.perf_counter() - t0
             if compiled and iter_num == start_iter + 1:  # this step compiled the model: not training time
                 bar.write(f"compiled in {step_seconds:.1f} s (not counted as training time)")
                 step_seconds = 0.0
             train_seconds += step_seconds
-            if (timed or schedule_seconds > 0) and world_size > 1:
+            if clocked and world_size > 1:
                 train_seconds = from_rank0(train_seconds, device)  # one clock, so one learning rate for all
             bar.update(min(step_seconds, cfg.max_seconds - bar.n) if timed else 1)
             if logging:
@@ -961,27 +970,27 @@ def restore_rng(saved, data_rng, device, rank=0):
         torch.mps.set_rng_state(state["mps"].cpu())
 
 
-def out_of_memory(error, device, what_to_lower):
-    """error as a one-line UserError if it is the device (or the CPU's RAM) running out of memory."""
-    text = str(error)
-    if isinstance(error, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in text \
-            or "DefaultCPUAllocator" in text:
+@contextmanager
+def out_of_memory_in_one_line(device, what_to_lower):
+    """Within this context the device (or the CPU's RAM) running out of memory becomes a one-line
+    UserError that names what to lower; every other error passes through."""
+    try:
+        yield
+    except (RuntimeError, MemoryError) as e:
+        text = str(e)
+        if not (isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in text
+                or "DefaultCPUAllocator" in text):
+            raise
         where = select_device(device) if device == "auto" else device
-        first = text.strip().splitlines()[0][:120] if text.strip() else type(error).__name__
-        return UserError(f"out of memory on {where} ({first}); lower {what_to_lower}")
-    return None
+        first = text.strip().splitlines()[0][:120] if text.strip() else type(e).__name__
+        raise UserError(f"out of memory on {where} ({first}); lower {what_to_lower}") from None
 
 
 def main(argv):
     cfg = configure(TrainConfig, argv)
-    try:
+    with out_of_memory_in_one_line(cfg.device, f"--batch_size ({cfg.batch_size}) or --block_size ({cfg.block_size}); "
+                                               f"--gradient_accumulation_steps keeps the batch with smaller pieces"):
         train(cfg)
-    except (RuntimeError, MemoryError) as e:
-        oom = out_of_memory(e, cfg.device, f"--batch_size ({cfg.batch_size}) or --block_size ({cfg.block_size}); "
-                                           f"--gradient_accumulation_steps keeps the batch with smaller pieces")
-        if oom is None:
-            raise
-        raise oom from None
 
 
 if __name__ == "__main__":
