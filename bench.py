@@ -4,14 +4,13 @@ Measure training and sampling speed for a model shape on this machine.
     python bench.py                                     # the GPU recipe's shape, batch 8
     python bench.py --n_layer=4 --n_head=4 --n_embd=128 --block_size=64 --batch_size=12
 
-Times train.py's own train_step (ms/iter, tokens/s, MFU against this machine's measured matmul
+Times train.py's own batches and train_step (ms/iter, tokens/s, MFU against this machine's measured matmul
 peak in the same dtype), sampling speed with and without the KV cache, and peak memory. With
 --compare=True (default) it also runs nanoGPT's path (float32, unfused AdamW, no KV cache),
 alternating the two so that both see the same machine conditions, and reports the ratios.
 """
 
 import copy
-import dataclasses
 import os
 import platform
 import statistics
@@ -25,21 +24,16 @@ import numpy as np
 import torch
 
 from configurator import check, check_choice, check_device, configure, run_main
-from model import GPT
-from train import (COMPILE_CHOICES, DTYPES, autocast_context, describe_dtype, get_batch, model_config,
-                   newton_schulz_dtype, select_device, select_dtype, train_step, use_compile)
+from device import (COMPILE_CHOICES, DTYPES, autocast_context, describe_dtype, matmul_peak_flops, newton_schulz_dtype,
+                    select_device, select_dtype, synchronize, use_compile)
+from model import GPT, GPTConfig
+from train import TrainBatches, check_model_settings, model_config, train_step
 
 
 @dataclass
-class BenchConfig:
+class BenchConfig(GPTConfig):
+    """The model's settings (GPTConfig, in model.py; the GPU recipe's by default) and the benchmark's."""
     batch_size: int = 8
-    block_size: int = 256
-    n_layer: int = 6
-    n_head: int = 6
-    n_embd: int = 384
-    dropout: float = 0.2
-    bias: bool = False
-    vocab_size: int = 65
     device: str = "auto"
     dtype: str = "auto"
     compile: bool | str = "auto"  # 'auto': on CUDA only, as train.py
@@ -57,38 +51,7 @@ class BenchConfig:
         check_choice("dtype", self.dtype, DTYPES)
         check_choice("compile", self.compile, COMPILE_CHOICES)
         check_device("device", self.device)
-        model_config(self, self.vocab_size)  # the model's own settings, checked where the model declares them
-
-
-def synchronize(device):
-    """Wait for the device to finish its queued work (the device itself: cuda:1 is not cuda:0)."""
-    kind = torch.device(device).type
-    if kind == "cuda":
-        torch.cuda.synchronize(device)
-    elif kind == "mps":
-        torch.mps.synchronize()
-
-
-def matmul_peak_flops(device, dtype, n=2048, repeats=10):
-    """FLOP/s of an n x n matmul in dtype on this device: the peak MFU is measured against."""
-    a = torch.randn(n, n, device=device, dtype=getattr(torch, dtype))
-    b = torch.randn(n, n, device=device, dtype=getattr(torch, dtype))
-    times = []
-    for _ in range(repeats + 2):
-        synchronize(device)
-        t0 = time.perf_counter()
-        a @ b
-        synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return 2 * n ** 3 / min(times[2:])  # the best run: a peak
-
-
-def flops_per_iter(model, batch_size):
-    """Training FLOPs per iteration (forward + backward), as in the PaLM paper's appendix B."""
-    cfg = model.config
-    n_params = model.get_num_params()
-    flops_per_token = 6 * n_params + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
-    return flops_per_token * cfg.block_size * batch_size
+        check_model_settings(self)
 
 
 def tensor_mb(tensors):
@@ -140,8 +103,7 @@ class Variant:
         self.pos_encoding = pos_encoding
         self.device_type = torch.device(device).type
         torch.manual_seed(cfg.seed)
-        model_args = dataclasses.replace(model_config(cfg, cfg.vocab_size), pos_encoding=pos_encoding)
-        self.model = GPT(model_args).to(device)
+        self.model = GPT(model_config(cfg, pos_encoding=pos_encoding)).to(device)
         self.optimizer = self.model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), self.device_type, fused=fused,
                                                          optimizer=optimizer, muon_dtype=newton_schulz_dtype(device))
         adamw = self.optimizer.optimizers["adamw"] if optimizer == "muon" else self.optimizer
@@ -149,9 +111,8 @@ class Variant:
             ("fused AdamW" if adamw.defaults.get("fused") else "AdamW")
         self.step_model = torch.compile(self.model) if use_compile(cfg.compile, device) else self.model
         self.scaler = torch.amp.GradScaler(self.device_type, enabled=(dtype == "float16"))
-        self.ctx = autocast_context(self.device_type, dtype)
-        rng = np.random.default_rng(cfg.seed)
-        self.next_batch = lambda: get_batch(data_path, cfg.batch_size, cfg.block_size, rng, device)
+        self.ctx = autocast_context(device, dtype)
+        self.batches = TrainBatches(data_path, cfg.batch_size, cfg.block_size, 1, np.random.default_rng(cfg.seed), device)
         self.step_times, self.sample_rates, self.batch_times = [], [], []
         self.peak_mb = 0.0
 
@@ -165,7 +126,8 @@ class Variant:
         synchronize(self.device)
         t0 = time.perf_counter()
         for _ in range(steps):
-            loss = train_step(self.step_model, self.optimizer, self.scaler, self.next_batch, 1, self.ctx, 1.0, 1e-3)
+            loss = train_step(self.step_model, self.optimizer, self.scaler, self.batches.next_step(), 1, self.ctx,
+                              1.0, 1e-3)
         loss.item()  # wait for the last step
         self.step_times.append((time.perf_counter() - t0) / steps)
 
@@ -228,7 +190,7 @@ def report(cfg, device, dtype, peaks, variants):
     print(f"dtype: {describe_dtype(cfg.dtype, dtype, device)}")
     print(f"model: {cfg.n_layer} layers, {cfg.n_head} heads, {cfg.n_embd} wide, block {cfg.block_size}, "
           f"batch {cfg.batch_size}, {variants[0].model.get_num_params() / 1e6:.2f}M parameters")
-    print(f"matmul peak (2048x2048): " + ", ".join(f"{dt} {f / 1e9:,.0f} GFLOP/s" for dt, f in sorted(peaks.items())))
+    print("matmul peak (MFU is against it): " + ", ".join(f"{dt} {f / 1e9:,.0f} GFLOP/s" for dt, f in sorted(peaks.items())))
     samples = f"{cfg.num_samples} samples s"
     header = f"{'variant':<14} {'dtype':<9} {'optimizer':<17} {'positions':<9} {'KV cache':<8} {'ms/iter':>8} " \
              f"{'tokens/s':>9} {'MFU':>6} {'sample tok/s':>12} {samples:>12} {'peak MB':>8}"
@@ -238,7 +200,7 @@ def report(cfg, device, dtype, peaks, variants):
         v.step = statistics.median(v.step_times)
         v.rate = statistics.median(v.sample_rates)
         v.batch = statistics.median(v.batch_times)
-        mfu = flops_per_iter(v.model, cfg.batch_size) / v.step / peaks[v.dtype]
+        mfu = v.model.flops_per_token() * tokens_per_iter / v.step / peaks[v.dtype]
         print(f"{v.name:<14} {v.dtype:<9} {v.optimizer_name:<17} {v.pos_encoding:<9} {'yes' if v.use_cache else 'no':<8} "
               f"{v.step * 1e3:>8.1f} {tokens_per_iter / v.step:>9,.0f} {mfu:>6.1%} {v.rate:>12,.1f} {v.batch:>12.2f} "
               f"{v.peak_mb:>8,.0f}")

@@ -37,11 +37,11 @@ def configure(config_class, argv):
             key, sep, raw = arg[2:].partition("=")
             if not sep:
                 raise ConfigError(f"'{arg}' has no value; write --{key}=VALUE")
-            _check_known(key, fields, f"'--{key}'")
+            _check_known(key, fields, f"'--{key}'", config_class)
             values[key] = _coerce(key, _parse_literal(raw), fields[key].type, f"--{key}")
         else:
             for key, value in read_config_file(arg).items():
-                _check_known(key, fields, f"'{key}' in {arg}")
+                _check_known(key, fields, f"'{key}' in {arg}", config_class)
                 values[key] = _coerce(key, value, fields[key].type, arg)
     return config_class(**values)
 
@@ -70,7 +70,10 @@ def read_config_file(path):
             if not k.startswith("_") and not isinstance(v, (types.ModuleType, types.FunctionType, type))}
 
 
-def _check_known(key, fields, where):
+def _check_known(key, fields, where, config_class):
+    not_settings = getattr(config_class, "not_settings", {})  # fields the script sets itself, and why
+    if key in not_settings:
+        raise ConfigError(f"{where} is not a setting here: {not_settings[key]}; remove it")
     if key not in fields:
         close = difflib.get_close_matches(key, fields, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(fields)}"

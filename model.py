@@ -1,10 +1,11 @@
 """
 A GPT language model in one file, following Karpathy's "Let's build GPT" lecture and nanoGPT.
 
-Read it top to bottom: position encodings, attention, MLP, the transformer block, then the GPT
-that stacks blocks, trains with cross-entropy and samples text (with a key/value cache, so each new
-token costs one position of compute rather than the whole context). At the end, the bigram model
-the lecture starts from.
+Read it top to bottom: the model's settings, position encodings, attention, MLP, the transformer
+block, then the GPT that stacks blocks, trains with cross-entropy and samples text (with a key/value
+cache, so each new token costs one position of compute rather than the whole context), and the
+bigram model the lecture starts from. After the models: Muon, an optimizer for the hidden matrices,
+and last, the few speed paths for CPUs, kept apart so the model above reads as the lecture's.
 
 Parameter names match nanoGPT's, so checkpoints move between the two projects.
 """
@@ -20,13 +21,14 @@ from torch.nn import functional as F
 
 @dataclass
 class GPTConfig:
+    """The model's settings, declared once: train.py's and bench.py's settings extend these."""
     block_size: int = 256  # longest context the model sees
     vocab_size: int = 65  # Tiny Shakespeare has 65 distinct characters
     n_layer: int = 6
     n_head: int = 6
     n_embd: int = 384
     dropout: float = 0.2
-    bias: bool = True  # bias in Linear and LayerNorm layers, as GPT-2
+    bias: bool = False  # bias in Linear and LayerNorm layers: GPT-2 had them; nanoGPT trains without
     model_type: str = "gpt"  # 'gpt', or 'bigram': the lecture's first model, a next-character lookup table
     pos_encoding: str = "learned"  # 'learned' (GPT-2, the lecture's), 'sinusoidal' (fixed) or 'rope' (rotary)
 
@@ -45,6 +47,7 @@ class GPTConfig:
             raise ValueError(f"pos_encoding must be 'learned', 'sinusoidal' or 'rope', got '{self.pos_encoding}'")
         if self.pos_encoding == "rope" and (self.n_embd // self.n_head) % 2:
             raise ValueError(f"rope needs an even head size, but n_embd / n_head = {self.n_embd // self.n_head}")
+
 
 def sinusoidal_table(n_positions, dim):
     """Fixed position encodings of "Attention Is All You Need": (n_positions, dim), sines in the even
@@ -70,17 +73,6 @@ def apply_rope(x, cos, sin):
     x1, x2 = x.chunk(2, dim=-1)
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
-
-
-class Dropout(nn.Dropout):
-    """nn.Dropout, except that on CPU the mask comes from torch.rand: bernoulli_, which
-    nn.Dropout uses, is about 3x slower there and costs 10% of a training step."""
-
-    def forward(self, x):
-        if not self.training or self.p == 0.0 or x.device.type != "cpu":
-            return super().forward(x)
-        keep = (torch.rand(x.shape, device=x.device) >= self.p).to(x.dtype) * (1.0 / (1.0 - self.p))
-        return x * keep
 
 
 class KVCache:
@@ -118,9 +110,9 @@ class CausalSelfAttention(nn.Module):
         # queries, keys and values for all heads in one matmul
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        # Dropout sits on the residual output only: dropout on the attention weights would keep
+        # FastDropout is nn.Dropout, faster on CPUs (end of file). It sits on the residual output only: dropout on the attention weights would keep
         # scaled_dot_product_attention off its fused (flash / memory-efficient) kernels.
-        self.resid_dropout = Dropout(config.dropout)
+        self.resid_dropout = FastDropout(config.dropout)
 
     def forward(self, x, kv_cache=None, rope=None):
         B, T, C = x.size()  # batch, time (sequence length), channels (n_embd)
@@ -138,23 +130,12 @@ class CausalSelfAttention(nn.Module):
         # The causal (lower-triangular) mask lets position t attend to positions <= t only, so the
         # model cannot peek at the token it is asked to predict. A single new token attends to all
         # cached positions, which are all in its past, so it needs no mask.
-        if q.device.type == "cpu" and q.dtype == torch.bfloat16:  # a CPU speed path: see explicit_attention
+        if q.device.type == "cpu" and q.dtype == torch.bfloat16:  # a CPU speed path (end of file)
             y = explicit_attention(q, k, v)
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
         return self.resid_dropout(self.c_proj(y))
-
-
-def explicit_attention(q, k, v):
-    """Causal softmax(q k^T / sqrt(hs)) v written out, as in the lecture. On CPUs in bfloat16 this
-    runs about twice as fast as scaled_dot_product_attention's CPU kernel for training, and 5x as fast
-    for one new token against 256 cached ones (162 vs 903 us per layer, batch 10)."""
-    T = q.size(-2)
-    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, T_k) affinities
-    if T > 1:  # -inf above the diagonal: position t attends to 0..t only; adding it needs no backward work
-        att = att + torch.full((T, T), float("-inf"), device=q.device, dtype=att.dtype).triu(1)
-    return F.softmax(att, dim=-1) @ v  # (B, nh, T, hs)
 
 
 class MLP(nn.Module):
@@ -164,7 +145,7 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.gelu = nn.GELU()
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
-        self.dropout = Dropout(config.dropout)
+        self.dropout = FastDropout(config.dropout)
 
     def forward(self, x):
         return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
@@ -199,7 +180,7 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embedding
             **({"wpe": nn.Embedding(config.block_size, config.n_embd)} if learned else {}),
-            drop=Dropout(config.dropout),
+            drop=FastDropout(config.dropout),
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
@@ -238,6 +219,12 @@ class GPT(nn.Module):
         if non_embedding and "wpe" in self.transformer:
             n_params -= self.transformer.wpe.weight.numel()
         return n_params
+
+    def flops_per_token(self):
+        """Training FLOPs per token, forward and backward: 6 per parameter (2 forward, 4 backward),
+        plus attention's q @ k and att @ v over the context (PaLM paper, appendix B)."""
+        cfg = self.config
+        return 6 * self.get_num_params() + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
 
     def forward(self, idx, targets=None, kv_cache=None):
         """idx (B, T) token ids -> logits (B, T, vocab_size) and the mean cross-entropy loss when
@@ -338,6 +325,18 @@ class GPT(nn.Module):
         return torch.cat([idx] + new, dim=1)
 
 
+def sample_next(logits, temperature=1.0, top_k=None, generator=None):
+    """Pick one token per row from logits (B, vocab_size) -> (B, 1)."""
+    if temperature == 0:
+        return torch.argmax(logits, dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.size(-1):  # (sample.py's 200 keeps all 65 characters)
+        v, _ = torch.topk(logits, top_k)
+        logits[logits < v[:, [-1]]] = -float("inf")
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)
+
+
 class Bigram(nn.Module):
     """The lecture's first model: each character alone predicts the next, through a table whose row
     for a character holds the logits of the character after it. No context, no attention."""
@@ -351,15 +350,25 @@ class Bigram(nn.Module):
     def get_num_params(self, non_embedding=True):
         return self.token_embedding_table.weight.numel()
 
-    def forward(self, idx, targets=None, kv_cache=None):
+    def forward(self, idx, targets=None):
         logits = self.token_embedding_table(idx)  # (B, T, vocab_size)
         if targets is None:
             return logits[:, [-1], :], None
         return logits, F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
 
-    # The same optimizer setup and sampling loop as the GPT (the bigram ignores the KV cache).
+    def flops_per_token(self):
+        return 6 * self.get_num_params()  # the lookup is a one-hot matmul with the table
+
+    @torch.inference_mode()
+    def generate_tokens(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True, generator=None):
+        """As GPT.generate_tokens; the next character depends on the last one only, so no cache."""
+        for _ in range(max_new_tokens):
+            logits, _ = self(idx[:, -1:])
+            idx = sample_next(logits[:, -1, :], temperature, top_k, generator)
+            yield idx
+
+    # The GPT's optimizer set-up (AdamW: the table is a matrix) and generate(), which collects generate_tokens.
     configure_optimizers = GPT.configure_optimizers
-    generate_tokens = GPT.generate_tokens
     generate = GPT.generate
 
 
@@ -367,6 +376,8 @@ def build_model(config):
     """The model config.model_type names."""
     return Bigram(config) if config.model_type == "bigram" else GPT(config)
 
+
+# Muon: an optimizer for the matrices inside the blocks (optimizer='muon' in configure_optimizers)
 
 def orthogonalize(g, steps=5, dtype=torch.bfloat16, eps=1e-7):
     """Newton-Schulz iterations that take the matrix g (or each of a stack of them, (k, m, n)) to about
@@ -451,18 +462,6 @@ class Optimizers:
             opt.load_state_dict(state[name])
 
 
-def sample_next(logits, temperature=1.0, top_k=None, generator=None):
-    """Pick one token per row from logits (B, vocab_size) -> (B, 1)."""
-    if temperature == 0:
-        return torch.argmax(logits, dim=-1, keepdim=True)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.size(-1):  # (sample.py's 200 keeps all 65 characters)
-        v, _ = torch.topk(logits, top_k)
-        logits[logits < v[:, [-1]]] = -float("inf")
-    probs = F.softmax(logits, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator)
-
-
 def fused_adamw_devices():
     """Device types with a fused AdamW kernel in this PyTorch (CPU since 2.4, CUDA, MPS ...)."""
     if "fused" not in inspect.signature(torch.optim.AdamW).parameters:
@@ -472,3 +471,27 @@ def fused_adamw_devices():
         return tuple(_get_fused_kernels_supported_devices())
     except ImportError:  # private helper moved: CUDA has had fused AdamW since 2.0
         return ("cuda",)
+
+
+# Speed paths for CPUs: same results as the plain PyTorch above, faster on a CPU
+
+class FastDropout(nn.Dropout):
+    """nn.Dropout, except that on CPU the mask comes from torch.rand: bernoulli_, which
+    nn.Dropout uses, is about 3x slower there and costs 10% of a training step."""
+
+    def forward(self, x):
+        if not self.training or self.p == 0.0 or x.device.type != "cpu":
+            return super().forward(x)
+        keep = (torch.rand(x.shape, device=x.device) >= self.p).to(x.dtype) * (1.0 / (1.0 - self.p))
+        return x * keep
+
+
+def explicit_attention(q, k, v):
+    """Causal softmax(q k^T / sqrt(hs)) v written out, as in the lecture. On CPUs in bfloat16 this
+    runs about twice as fast as scaled_dot_product_attention's CPU kernel for training, and 5x as fast
+    for one new token against 256 cached ones (162 vs 903 us per layer, batch 10)."""
+    T = q.size(-2)
+    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, T_k) affinities
+    if T > 1:  # -inf above the diagonal: position t attends to 0..t only; adding it needs no backward work
+        att = att + torch.full((T, T), float("-inf"), device=q.device, dtype=att.dtype).triu(1)
+    return F.softmax(att, dim=-1) @ v  # (B, nh, T, hs)

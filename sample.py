@@ -6,18 +6,14 @@ Sample text from a trained checkpoint.
     python sample.py --start=FILE:prompt.txt --num_samples=1 --max_new_tokens=2000
 """
 
-import glob
-import os
 import sys
 from dataclasses import dataclass
 
 import torch
 
+from checkpoint import checkpoint_tokenizer, find_checkpoint, load_checkpoint, model_from_checkpoint, refuse_gpt2_weights
 from configurator import ConfigError, UserError, check, check_choice, check_device, configure, run_main
-from prepare_shakespeare import CharTokenizer
-from train import (CKPT_NAME, COMPILE_CHOICES, DTYPES, CheckpointError, load_checkpoint, model_from_checkpoint,
-                   out_of_memory_in_one_line, refuse_gpt2_weights, same_vocabulary, select_device, select_dtype,
-                   use_compile)
+from device import COMPILE_CHOICES, DTYPES, out_of_memory_in_one_line, select_device, select_dtype, use_compile
 
 
 @dataclass
@@ -50,44 +46,12 @@ class SampleConfig:
             raise ConfigError(f"init_from must be 'resume' (sample the checkpoint in out_dir), got '{self.init_from}'")
 
 
-def find_checkpoint(out_dir):
-    """out_dir's ckpt.pt; without an out_dir, the most recently written */ckpt.pt under the current
-    folder, so that `python sample.py` samples the run just trained, whatever its config named it."""
-    if out_dir is not None:
-        return os.path.join(out_dir, CKPT_NAME)
-    found = glob.glob(os.path.join("*", CKPT_NAME))
-    if not found:
-        raise CheckpointError(f"no checkpoint in any folder under {os.getcwd()} (*/ckpt.pt); train a model first: "
-                              f"python train.py config/train_shakespeare_char.py, or give --out_dir")
-    path = max(found, key=os.path.getmtime)
-    print(f"sampling {path}, the most recently written checkpoint here (--out_dir picks another)", file=sys.stderr)
-    return path
-
-
 def load_model_and_tokenizer(cfg, device):
-    """The checkpoint's model, and its vocabulary: the one the checkpoint holds, or for nanoGPT's
-    checkpoints (which hold none) the meta.pkl of the dataset it names, under data_dir."""
-    ckpt_path = find_checkpoint(cfg.out_dir)
-    checkpoint = load_checkpoint(ckpt_path, device,
-                                 hint=f"; train a model first: python train.py config/train_shakespeare_char.py "
-                                      f"--out_dir={cfg.out_dir}")
-    model = model_from_checkpoint(checkpoint)
-    if checkpoint.get("vocab") is not None:
-        if len(checkpoint["vocab"]) != model.config.vocab_size:
-            raise CheckpointError(f"{ckpt_path} holds a vocabulary of {len(checkpoint['vocab'])} characters but its "
-                                  f"model has {model.config.vocab_size}: the file was altered or is damaged")
-        return model, CharTokenizer(checkpoint["vocab"])
-    dataset = checkpoint.get("config", {}).get("dataset", "shakespeare_char")
-    meta_path = os.path.join(cfg.data_dir, dataset, "meta.pkl")
-    if not os.path.exists(meta_path):
-        raise CheckpointError(f"{ckpt_path} holds no vocabulary (a nanoGPT checkpoint) and {meta_path}, its "
-                              f"dataset's, is missing; prepare that dataset, or point --data_dir at its folder")
-    tok = CharTokenizer.load(meta_path)
-    if not same_vocabulary(checkpoint, tok):
-        raise CheckpointError(f"{meta_path} is not the vocabulary the checkpoint was trained with ({tok.vocab_size} "
-                              f"characters; the checkpoint's model has {model.config.vocab_size}); the dataset was "
-                              f"re-prepared from another text")
-    return model, tok
+    """The checkpoint's model and vocabulary."""
+    path = find_checkpoint(cfg.out_dir)
+    checkpoint = load_checkpoint(path, device, hint=f"; train a model first: python train.py "
+                                                    f"config/train_shakespeare_char.py --out_dir={cfg.out_dir}")
+    return model_from_checkpoint(checkpoint), checkpoint_tokenizer(checkpoint, path, cfg.data_dir)
 
 
 def read_start(start):

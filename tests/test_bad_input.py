@@ -1,6 +1,6 @@
 """A sweep of bad input against every script: each gets one line on stderr, a non-zero exit and no
 traceback, and nothing on disk changes. The scripts' main() runs in this process through run_main,
-as `python SCRIPT ...` runs it (tests/test_train.py runs a few as real subprocesses)."""
+as `python SCRIPT ...` runs it (the last test runs a few as real subprocesses)."""
 import dataclasses
 import os
 import pickle
@@ -14,6 +14,7 @@ import prepare_shakespeare
 import sample
 import train
 from configurator import run_main
+from helpers import run_script
 
 
 class Hostile:
@@ -180,3 +181,26 @@ def test_bad_input_gets_one_line_and_changes_nothing(world, tmp_path, monkeypatc
     assert message.replace("{d}", str(d)) in err, err
     assert snapshot(tmp_path) == before
     assert not os.path.exists(marker)  # no file this repo reads can run code
+
+
+@pytest.mark.parametrize("script, args, message", [
+    ("train.py", ["--batch_size=0"], "error: batch_size must be positive"),
+    ("train.py", ["--block_size=-4"], "error: block_size must be positive"),
+    ("train.py", ["--n_embd=100", "--n_head=3"], "error: n_embd=100 is not divisible by n_head=3"),
+    ("train.py", ["no/such/config.py"], "error: config file 'no/such/config.py' not found"),
+    ("train.py", ["--learning_rate=fast"], "error: learning_rate must be float"),
+    ("train.py", ["--init_from=resume", "--out_dir=nowhere"], "error: no checkpoint at nowhere/ckpt.pt"),
+    ("train.py", ["--eval_only=True", "--out_dir=nowhere"], "error: no checkpoint at nowhere/ckpt.pt"),
+    ("sample.py", ["--out_dir=nowhere"], "error: no checkpoint at nowhere/ckpt.pt"),
+    ("prepare_shakespeare.py", ["--input", "missing.txt"], "error: input text 'missing.txt' not found"),
+    ("prepare_shakespeare.py", ["--inptu=x.txt"], "error: unrecognized arguments: --inptu=x.txt; see python"),
+])
+def test_bad_input_is_one_line_without_traceback(tiny_data, tmp_path, script, args, message):
+    common = {"train.py": [f"--data_dir={tiny_data}", "--dataset=tiny"], "sample.py": [],
+              "prepare_shakespeare.py": ["--data_dir", str(tiny_data)]}[script]
+    before = sorted(p for p in tmp_path.rglob("*"))
+    r = run_script(script, *args, *common, cwd=str(tmp_path))
+    assert r.returncode in (1, 2) and r.stderr.startswith(message), r.stderr
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert sorted(p for p in tmp_path.rglob("*")) == before  # nothing written
+

@@ -2,8 +2,8 @@ import sys
 
 import pytest
 
-from bench import BenchConfig, bench, flops_per_iter
-from model import GPT, GPTConfig
+from bench import BenchConfig, bench, cpu_name
+from train import TrainBatches
 
 
 def test_bench_times_every_path_and_prints_one_table(capsys):
@@ -14,6 +14,7 @@ def test_bench_times_every_path_and_prints_one_table(capsys):
     assert [v.optimizer_name for v in variants] == ["fused AdamW", "Muon+fused AdamW", "AdamW"]
     assert [v.pos_encoding for v in variants] == ["learned", "rope", "learned"]
     assert [v.use_cache for v in variants] == [True, True, False]
+    assert all(isinstance(v.batches, TrainBatches) for v in variants)  # what train.py reads its batches with
     for v in variants:
         assert len(v.step_times) == 1 and v.step_times[0] > 0 and v.sample_rates[0] > 0 and v.peak_mb > 0
         assert v.batch_times[0] > 0
@@ -26,12 +27,5 @@ def test_bench_times_every_path_and_prints_one_table(capsys):
 
 
 def test_cpu_is_named():
-    from bench import cpu_name
     name = cpu_name()
     assert isinstance(name, str) and (name or not sys.platform.startswith("linux"))
-
-
-def test_flops_per_iter_follows_the_6n_rule():
-    model = GPT(GPTConfig(block_size=8, vocab_size=10, n_layer=2, n_head=2, n_embd=16))
-    n = model.get_num_params()
-    assert flops_per_iter(model, batch_size=3) == (6 * n + 12 * 2 * 16 * 8) * 8 * 3

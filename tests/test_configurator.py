@@ -3,7 +3,7 @@ from dataclasses import dataclass
 import pytest
 
 from configurator import ConfigError, configure
-from conftest import REPO, run_script
+from helpers import REPO, run_script
 from train import TrainConfig
 
 

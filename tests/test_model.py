@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from model import GPT, GPTConfig, KVCache, sample_next
+from model import GPT, GPTConfig, KVCache, fused_adamw_devices, sample_next
 
 
 def tiny(**kw):
@@ -170,8 +170,8 @@ def test_bf16_autocast_close_to_fp32():
 
 
 def test_cpu_dropout_rate_and_scale():
-    from model import Dropout
-    drop = Dropout(0.25).train()
+    from model import FastDropout
+    drop = FastDropout(0.25).train()
     torch.manual_seed(0)
     y = drop(torch.ones(200_000))
     assert abs((y == 0).float().mean().item() - 0.25) < 0.01
@@ -272,3 +272,13 @@ def test_orthogonalize_in_float32_moves_singular_values_near_one():
         assert 0.5 < s.min() and s.max() < 1.5, (dtype, s)
     diff = orthogonalize(g, dtype=torch.float32) - orthogonalize(g, dtype=torch.bfloat16).float()
     assert diff.norm() / orthogonalize(g, dtype=torch.float32).norm() < 0.05  # the same update, up to bf16 rounding
+
+
+def test_fused_adamw_covers_cuda_and_cpu():
+    assert {"cuda", "cpu"} <= set(fused_adamw_devices())
+
+
+
+def test_flops_per_token_follows_the_6n_rule():
+    model = GPT(GPTConfig(block_size=8, vocab_size=10, n_layer=2, n_head=2, n_embd=16))
+    assert model.flops_per_token() == 6 * model.get_num_params() + 12 * 2 * 16 * 8

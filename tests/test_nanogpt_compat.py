@@ -13,8 +13,8 @@ from configurator import ConfigError, configure
 from model import GPT, GPTConfig
 from prepare_shakespeare import CharTokenizer
 from sample import SampleConfig
-from train import (TrainConfig, load_checkpoint, model_from_checkpoint, restore_training_state, save_checkpoint,
-                   train)
+from checkpoint import load_checkpoint, model_from_checkpoint, restore_training_state, save_checkpoint
+from train import TrainConfig, train
 
 SHAPE = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, bias=False)  # block_size != vocab_size
 
@@ -40,7 +40,7 @@ def ours_resumed(path, cfg):
     model = model_from_checkpoint(checkpoint)
     optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu", optimizer=cfg.optimizer)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    restore_training_state(checkpoint, cfg, model, optimizer, scaler, np.random.default_rng(0), "cpu")
+    restore_training_state(checkpoint, model, optimizer, scaler, np.random.default_rng(0), "cpu")
     return model, optimizer
 
 

@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 
-from conftest import TINY_TEXT
+from helpers import TINY_TEXT
 from prepare_shakespeare import CharTokenizer, DatasetError, main, prepare, prepare_dataset, read_text
 
 TEXT = "hello world\nà bientôt, Ελλάδα!\n" * 50  # non-ASCII, well within uint16

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from configurator import UserError
-from conftest import run_script
+from helpers import run_script
 from sample import SampleConfig, sample
 from train import load_checkpoint, save_checkpoint, train
 

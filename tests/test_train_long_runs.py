@@ -11,15 +11,16 @@ import time
 import pytest
 import torch
 
-from conftest import REPO
-from train import load_checkpoint, train
+from helpers import REPO
+from checkpoint import load_checkpoint
+from train import TrainConfig, train
 
 pytestmark = pytest.mark.slow
 
 
 def cli_args(cfg):
     """The --key=value arguments that reproduce cfg on the command line."""
-    return [f"--{k}={v}" for k, v in dataclasses.asdict(cfg).items()]
+    return [f"--{k}={v}" for k, v in dataclasses.asdict(cfg).items() if k not in TrainConfig.not_settings]
 
 
 def start_training(cfg, *extra):

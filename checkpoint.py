@@ -1,0 +1,276 @@
+"""
+Checkpoints: saving and loading them, and finding the one to sample or resume. A checkpoint is a
+dict in nanoGPT's layout (model, optimizer, model_args, iter_num, best_val_loss, config), plus the
+vocabulary, the random state and the time spent, so that a resumed run continues exactly.
+"""
+
+import glob
+import os
+import sys
+import warnings
+from dataclasses import asdict, dataclass, fields
+
+import torch
+
+from configurator import ConfigError, UserError
+from model import GPTConfig, build_model
+from prepare_shakespeare import CharTokenizer, write_atomic
+
+CKPT_NAME, RESUME_NAME = "ckpt.pt", "resume.pt"  # in out_dir: the best model; a stopped run's newer state
+MODEL_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout")  # nanoGPT's
+
+
+class CheckpointError(UserError):
+    pass
+
+
+GPT2_WEIGHTS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+
+
+def refuse_gpt2_weights(init_from):
+    """nanoGPT's init_from='gpt2*' loads OpenAI's weights; this character-level project can't."""
+    if init_from in GPT2_WEIGHTS:
+        raise ConfigError(f"init_from='{init_from}': OpenAI's GPT-2 weights are not supported here (they need the "
+                          f"transformers package, a download and GPT-2's tokenizer; this repo is character-level); "
+                          f"use nanoGPT for them")
+
+
+def save_checkpoint(checkpoint, path):
+    """Write atomically (write_atomic): a crash at any moment leaves the old checkpoint or the new one."""
+    try:
+        write_atomic(path, lambda f: torch.save(checkpoint, f))
+    except OSError as e:
+        raise CheckpointError(f"could not write {path}: {e.strerror}; the previous checkpoint is untouched") from e
+
+
+def load_checkpoint(path, device="cpu", hint=""):
+    if not os.path.exists(path):
+        raise CheckpointError(f"no checkpoint at {path}{hint}")
+    try:
+        with warnings.catch_warnings():  # a foreign pickle's warnings would break the one-line error
+            warnings.simplefilter("ignore")
+            checkpoint = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}); "
+                              f"it may be truncated or from another program") from e
+    if not isinstance(checkpoint, dict) or not {"model", "model_args"} <= checkpoint.keys():
+        raise CheckpointError(f"{path} is not a checkpoint of this project or nanoGPT (no model or model_args)")
+    return checkpoint
+
+
+# The model and its vocabulary
+
+def model_args(config):
+    """A checkpoint's model_args: nanoGPT's keys, plus model_type and pos_encoding where they are
+    not the GPT's defaults, so that nanoGPT can load the checkpoints of the models it has."""
+    args = {k: getattr(config, k) for k in MODEL_ARGS}
+    default = GPTConfig()
+    for k in ("model_type", "pos_encoding"):
+        if getattr(config, k) != getattr(default, k):
+            args[k] = getattr(config, k)
+    return args
+
+
+def model_from_checkpoint(checkpoint):
+    """Build the model a checkpoint describes and load its weights (compiled models' keys work too)."""
+    names = {f.name for f in fields(GPTConfig)}
+    model = build_model(GPTConfig(**{k: v for k, v in checkpoint["model_args"].items() if k in names}))
+    prefix = "_orig_mod."
+    state = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in checkpoint["model"].items()
+             if not k.endswith(".attn.bias")}  # nanoGPT's causal-mask buffer, on PyTorch without flash attention
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint weights do not fit its model_args: {str(e).splitlines()[0]}") from e
+    return model
+
+
+def same_vocabulary(checkpoint, tok):
+    """Whether tok is the vocabulary the checkpoint's model was trained with: the same characters
+    where the checkpoint records them (ours do), the same size where it does not (nanoGPT's)."""
+    vocab = checkpoint.get("vocab")
+    return checkpoint["model_args"]["vocab_size"] == tok.vocab_size and vocab in (None, tok.chars)
+
+
+def checkpoint_tokenizer(checkpoint, path, data_dir):
+    """The vocabulary of the checkpoint at path: the one it holds, or for nanoGPT's checkpoints
+    (which hold none) the meta.pkl of the dataset its config names, under data_dir."""
+    vocab_size = checkpoint["model_args"]["vocab_size"]
+    if checkpoint.get("vocab") is not None:
+        if len(checkpoint["vocab"]) != vocab_size:
+            raise CheckpointError(f"{path} holds a vocabulary of {len(checkpoint['vocab'])} characters but its "
+                                  f"model has {vocab_size}: the file was altered or is damaged")
+        return CharTokenizer(checkpoint["vocab"])
+    dataset = checkpoint.get("config", {}).get("dataset", "shakespeare_char")
+    meta_path = os.path.join(data_dir, dataset, "meta.pkl")
+    if not os.path.exists(meta_path):
+        raise CheckpointError(f"{path} holds no vocabulary (a nanoGPT checkpoint) and {meta_path}, its "
+                              f"dataset's, is missing; prepare that dataset, or point --data_dir at its folder")
+    tok = CharTokenizer.load(meta_path)
+    if not same_vocabulary(checkpoint, tok):
+        raise CheckpointError(f"{meta_path} is not the vocabulary the checkpoint was trained with ({tok.vocab_size} "
+                              f"characters; the checkpoint's model has {vocab_size}); the dataset was "
+                              f"re-prepared from another text")
+    return tok
+
+
+# Which checkpoint
+
+def find_checkpoint(out_dir):
+    """out_dir's ckpt.pt; without an out_dir, the most recently written */ckpt.pt under the current
+    folder, so that `python sample.py` samples the run just trained, whatever its config named it."""
+    if out_dir is not None:
+        return os.path.join(out_dir, CKPT_NAME)
+    found = glob.glob(os.path.join("*", CKPT_NAME))
+    if not found:
+        raise CheckpointError(f"no checkpoint in any folder under {os.getcwd()} (*/ckpt.pt); train a model first: "
+                              f"python train.py config/train_shakespeare_char.py, or give --out_dir")
+    path = max(found, key=os.path.getmtime)
+    print(f"sampling {path}, the most recently written checkpoint here (--out_dir picks another)", file=sys.stderr)
+    return path
+
+
+def resume_path(out_dir):
+    """What --init_from=resume continues: out_dir/resume.pt where a signal saved the run's state there
+    after the best model (ckpt.pt) was saved, else ckpt.pt."""
+    best, stopped = os.path.join(out_dir, CKPT_NAME), os.path.join(out_dir, RESUME_NAME)
+    if os.path.exists(stopped) and (not os.path.exists(best) or os.path.getmtime(stopped) >= os.path.getmtime(best)):
+        return stopped
+    return best
+
+
+# A run's state, for --init_from=resume
+
+@dataclass
+class Progress:
+    """Where a run is, besides its weights and optimizer state."""
+    iter_num: int = 0
+    best_val_loss: float = float("inf")
+    train_seconds: float = 0.0  # time in training steps, evals excluded: what max_seconds budgets
+    # the budget the learning rate schedule is laid over: the first run's max_seconds, so that a
+    # resumed run with a larger budget goes on at min_lr instead of rewinding the schedule
+    schedule_seconds: float = 0.0
+
+
+# What a resumed run must share with the run it continues; the rest (max_iters, max_seconds, eval and
+# log settings, device, dtype, compile, wandb) may change. Changing these makes another run: fine-tune.
+RESUME_FIXED = ("dataset", "batch_size", "block_size", "gradient_accumulation_steps", "model_type", "pos_encoding",
+                "n_layer", "n_head", "n_embd", "bias", "dropout", "optimizer", "learning_rate", "min_lr",
+                "warmup_iters", "lr_decay_iters", "decay_lr", "weight_decay", "beta1", "beta2", "grad_clip", "seed")
+
+
+def check_resume_settings(cfg, saved, path):
+    for key in RESUME_FIXED:
+        if key in saved and saved[key] != getattr(cfg, key):
+            value = saved[key]
+            raise ConfigError(f"{path} was trained with {key}={value!r}, not {getattr(cfg, key)!r}: resume with "
+                              f"--{key}={value} (or the run's config file), or start a new run from its weights "
+                              f"with --init_from={os.path.dirname(path) or '.'} --out_dir=ANOTHER_FOLDER")
+
+
+def training_checkpoint(model, optimizer, scaler, progress, cfg, vocab, rng, val_loss):
+    """Everything --init_from=resume needs; rng holds one random state per process (capture_rng)."""
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        "model_args": model_args(model.config),
+        "iter_num": progress.iter_num,
+        "train_seconds": progress.train_seconds,
+        "schedule_seconds": progress.schedule_seconds,
+        "best_val_loss": progress.best_val_loss,
+        "val_loss": val_loss,
+        "config": asdict(cfg),
+        "vocab": vocab,
+        "rng": rng,  # one entry per process: each has its own dropout stream
+        "param_order": "nanogpt",  # optimizer state in nanoGPT's parameter order (older ones: wpe last)
+    }
+
+
+def restore_training_state(checkpoint, model, optimizer, scaler, data_rng, device, rank=0):
+    """Load the optimizer, scaler and random state a checkpoint holds; return its Progress."""
+    state = checkpoint.get("optimizer")
+    if not state:
+        raise CheckpointError("the checkpoint holds weights only, no optimizer state, so it can't be resumed; "
+                              "fine-tune from it instead: --init_from=PATH_TO_ITS_OUT_DIR")
+    if "vocab" in checkpoint and checkpoint.get("param_order") != "nanogpt":
+        state = legacy_param_order(state, optimizer, model)
+    try:
+        optimizer.load_state_dict(state)
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"the checkpoint's optimizer state does not fit the model ({e})") from None
+    check_optimizer_state(optimizer)
+    restore_rng(checkpoint.get("rng"), data_rng, device, rank)
+    if scaler.is_enabled() and checkpoint.get("scaler"):  # empty when the run that saved it had no scaler
+        scaler.load_state_dict(checkpoint["scaler"])
+    schedule = checkpoint.get("schedule_seconds", checkpoint.get("config", {}).get("max_seconds", 0.0))
+    return Progress(checkpoint["iter_num"], float(checkpoint["best_val_loss"]), checkpoint.get("train_seconds", 0.0),
+                    schedule)
+
+
+def torch_optimizers(optimizer):
+    """The torch optimizers inside optimizer (one, or Muon's and AdamW's)."""
+    return list(optimizer.optimizers.values()) if hasattr(optimizer, "optimizers") else [optimizer]
+
+
+def legacy_param_order(state, optimizer, model):
+    """Optimizer state saved by this project before it kept nanoGPT's order of modules: wpe came
+    last among the parameters, so it was the last of its group. Renumber it into today's order."""
+    if "wpe" not in getattr(model, "transformer", {}):
+        return state  # no learned positions: the order never differed
+    wpe = model.transformer.wpe.weight
+    pairs = [(state[name], opt) for name, opt in optimizer.optimizers.items()] if hasattr(optimizer, "optimizers") \
+        else [(state, optimizer)]
+    for saved, opt in pairs:
+        now = [p for g in opt.param_groups for p in g["params"]]
+        then = []
+        for g in opt.param_groups:
+            then += [p for p in g["params"] if p is not wpe] + [p for p in g["params"] if p is wpe]
+        index = {id(p): i for i, p in enumerate(now)}
+        saved["state"] = {index[id(then[int(i)])]: v for i, v in saved["state"].items()}
+    return state
+
+
+def check_optimizer_state(optimizer):
+    """Every optimizer state tensor has its parameter's shape (else training fails at the first step)."""
+    for opt in torch_optimizers(optimizer):
+        for p, s in opt.state.items():
+            for name, t in s.items():
+                if torch.is_tensor(t) and t.dim() > 0 and t.shape != p.shape:
+                    raise CheckpointError(f"the checkpoint's optimizer state does not fit the model: {name} of "
+                                          f"shape {tuple(t.shape)} for a parameter of shape {tuple(p.shape)}")
+
+
+def capture_rng(data_rng, device):
+    """This process's random state: its torch generators (dropout) and the batch sampler's."""
+    state = {"torch": torch.get_rng_state(), "data": data_rng.bit_generator.state}
+    kind = torch.device(device).type
+    if kind == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    elif kind == "mps":
+        state["mps"] = torch.mps.get_rng_state()
+    return state
+
+
+def restore_rng(saved, data_rng, device, rank=0):
+    """Restore this process's random state from a checkpoint's: one entry per process that saved it
+    (a dict, with every visible GPU's CUDA state, in checkpoints before per-process states). With
+    more processes than saved, the extra ones keep their fresh seeds; the batches stay exact."""
+    if not saved:
+        return  # a nanoGPT checkpoint: no random state to restore
+    states = [saved] if isinstance(saved, dict) else saved
+    data_rng.bit_generator.state = states[0]["data"]  # the sampler is shared by all processes
+    if rank >= len(states):
+        return
+    state = states[rank]
+    torch.set_rng_state(state["torch"].cpu())
+    device = torch.device(device)
+    cuda = state.get("cuda")
+    if isinstance(cuda, (list, tuple)):  # older checkpoints: the state of every GPU rank 0 saw
+        index = device.index if device.index is not None else 0
+        cuda = cuda[index] if device.type == "cuda" and index < len(cuda) else None
+    if device.type == "cuda" and cuda is not None:
+        torch.cuda.set_rng_state(cuda.cpu(), device)
+    if device.type == "mps" and "mps" in state:
+        torch.mps.set_rng_state(state["mps"].cpu())
+

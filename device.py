@@ -1,0 +1,245 @@
+"""
+Where the model runs: the device, the precision of its matmuls, whether to compile, and the
+processes of a torchrun. train.py, sample.py and bench.py all make these choices here.
+"""
+
+import functools
+import os
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from configurator import ConfigError, UserError, check_choice, check_device
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # the dtype settings of train.py, sample.py and bench.py
+COMPILE_CHOICES = (True, False, "auto")
+
+
+# Device
+
+def select_device(device="auto"):
+    """'auto' is CUDA if there is a GPU, else Apple's MPS, else the CPU. On CUDA, float32 matmuls may
+    use TF32 tensor cores (Ampere and newer), as nanoGPT allows: 10 bits of mantissa are plenty here."""
+    check_device("device", device)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    kind, _, index = device.partition(":")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={device} but this PyTorch sees no CUDA GPU; use --device=cpu or --device=auto")
+    if kind == "cuda" and index and int(index) >= torch.cuda.device_count():
+        raise ConfigError(f"device={device} but this machine has {torch.cuda.device_count()} CUDA GPU(s); "
+                          f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device={device} but MPS is not available here; use --device=cpu or --device=auto")
+    if kind == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return device
+
+
+def synchronize(device):
+    """Wait for the device to finish its queued work (the device itself: cuda:1 is not cuda:0)."""
+    kind = torch.device(device).type
+    if kind == "cuda":
+        torch.cuda.synchronize(device)
+    elif kind == "mps":
+        torch.mps.synchronize()
+
+
+# Precision
+
+@functools.lru_cache(maxsize=None)
+def cpu_bf16_speedup(n=256, repeats=3):
+    """How many times faster an n x n bfloat16 matmul runs than a float32 one on this CPU (best of
+    `repeats`). CPUs with native bf16 (AVX512-BF16, AMX, ARM's BF16) give 1.5-4x; elsewhere bf16 is
+    emulated and about 100x slower. Measuring works on every OS and architecture (no CPU flag names
+    to know) and costs a few milliseconds, about 50 where bf16 is emulated."""
+    times = {}
+    numbers = torch.Generator().manual_seed(0)  # its own: the global generator must not move
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = (torch.randn(n, n, generator=numbers).to(dtype) for _ in range(2))
+        a @ b  # the first call may set up kernels
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - t0)
+        times[dtype] = best
+    return times[torch.float32] / times[torch.bfloat16]
+
+
+def bf16_is_native(device):
+    """Whether bfloat16 matmuls run natively (fast) on device: CUDA GPUs of compute capability 8.0
+    (Ampere) and newer, and AMD GPUs; CPUs where a measured bf16 matmul beats float32; not MPS.
+    torch.cuda.is_bf16_supported() is no guide: it is also True where bf16 is emulated (T4, V100)."""
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return bool(torch.version.hip) or torch.cuda.get_device_capability(device) >= (8, 0)
+    if kind == "cpu":
+        return cpu_bf16_speedup() > 1.0
+    return False
+
+
+def newton_schulz_dtype(device):
+    """The precision of Muon's orthogonalisation: bf16 where bf16 matmuls are native, else float32."""
+    return torch.bfloat16 if bf16_is_native(device) else torch.float32
+
+
+def select_dtype(dtype, device):
+    """'auto': bfloat16 where bf16 matmuls are native (recent GPUs, CPUs with bf16 instructions),
+    float16 on older CUDA GPUs (with a GradScaler), float32 elsewhere (MPS, other CPUs)."""
+    kind = torch.device(device).type
+    if dtype == "auto":
+        if bf16_is_native(device):
+            return "bfloat16"
+        return "float16" if kind == "cuda" else "float32"
+    check_choice("dtype", dtype, DTYPES)
+    if dtype == "float16" and kind == "cpu":
+        raise ConfigError("float16 autocast is for GPUs; on CPU use --dtype=bfloat16 or --dtype=float32")
+    return dtype
+
+
+def describe_dtype(requested, dtype, device):
+    """The dtype and why, for the start-up line."""
+    if requested != "auto":
+        return f"{dtype} (asked for)"
+    if torch.device(device).type == "cpu":
+        return f"{dtype} (auto: bf16 matmuls run {cpu_bf16_speedup():.2g}x float32 on this CPU)"
+    return f"{dtype} (auto: bf16 {'native' if bf16_is_native(device) else 'not native'} on {device})"
+
+
+def autocast_context(device, dtype):
+    """Mixed precision: weights stay float32, matmuls run in dtype."""
+    if dtype == "float32":
+        return nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=getattr(torch, dtype))
+
+
+@functools.lru_cache(maxsize=None)
+def matmul_peak_flops(device, dtype, n=None, repeats=3):
+    """FLOP/s of an n x n matmul in dtype on this device (the best of `repeats`): the peak that MFU,
+    the model's share of it, is measured against. n=None: 4096 on CUDA (smaller ones leave a GPU
+    idle), 1024 elsewhere (about 50 ms on a laptop CPU)."""
+    if n is None:
+        n = 4096 if torch.device(device).type == "cuda" else 1024
+    numbers = torch.Generator().manual_seed(0)  # its own: the global generator must not move
+    a, b = (torch.randn(n, n, generator=numbers).to(device, getattr(torch, dtype)) for _ in range(2))
+    a @ b  # the first call may set up kernels
+    best = float("inf")
+    for _ in range(repeats):
+        synchronize(device)
+        t0 = time.perf_counter()
+        a @ b
+        synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
+def use_compile(setting, device):
+    """compile='auto' compiles on CUDA only. On CPU (and MPS) it made the step slower, measured: 452 vs
+    334 ms for the GPU recipe's model on CPU, after a 30 s compile."""
+    return torch.device(device).type == "cuda" if setting == "auto" else setting
+
+
+@contextmanager
+def out_of_memory_in_one_line(device, what_to_lower):
+    """Within this context the device (or the CPU's RAM) running out of memory becomes a one-line
+    UserError that names what to lower; every other error passes through."""
+    try:
+        yield
+    except (RuntimeError, MemoryError) as e:
+        text = str(e)
+        if not (isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in text
+                or "DefaultCPUAllocator" in text):
+            raise
+        where = select_device(device) if device == "auto" else device
+        first = text.strip().splitlines()[0][:120] if text.strip() else type(e).__name__
+        raise UserError(f"out of memory on {where} ({first}); lower {what_to_lower}") from None
+
+
+# Processes: torchrun starts one per GPU (or several on a CPU); they train one model together
+
+@dataclass
+class Processes:
+    rank: int = 0
+    local_rank: int = 0  # on this machine: the GPU a process uses
+    world_size: int = 1
+
+    @property
+    def master(self):
+        """Rank 0 prints, logs and writes the checkpoints."""
+        return self.rank == 0
+
+
+def start_processes(device_setting, backend="auto"):
+    """Select the device and, under torchrun, join the process group (each process on CUDA takes its
+    own GPU, cuda:LOCAL_RANK). Returns (Processes, device)."""
+    device = select_device(device_setting)
+    if int(os.environ.get("RANK", -1)) == -1:
+        return Processes(), device
+    procs = Processes(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
+    kind = torch.device(device).type
+    if kind == "mps":
+        raise ConfigError("torchrun can't train on MPS: no torch.distributed backend moves MPS tensors; "
+                          "run one process, or several on the CPU with --device=cpu")
+    if backend == "auto":
+        backend = "nccl" if kind == "cuda" else "gloo"
+    torch.distributed.init_process_group(backend=backend)
+    if kind == "cuda":
+        device = f"cuda:{procs.local_rank}"
+        torch.cuda.set_device(device)
+    return procs, device
+
+
+def end_processes(procs):
+    """Leave together: a process that exits while another still talks to it makes gloo abort."""
+    if procs.world_size > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+# The functions below are collective: every process must call them, at the same point.
+
+def barrier(procs):
+    if procs.world_size > 1:
+        torch.distributed.barrier()
+
+
+def any_process(flag, procs, device):
+    """True if flag is True in any process."""
+    if procs.world_size == 1:
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    torch.distributed.all_reduce(t)
+    return bool(t.item())
+
+
+def from_rank0(value, procs, device):
+    """Rank 0's value of a float, in every process."""
+    if procs.world_size == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    torch.distributed.broadcast(t, src=0)
+    return t.item()
+
+
+def gather_from_all(obj, procs):
+    """[obj of rank 0, obj of rank 1, ...]."""
+    if procs.world_size == 1:
+        return [obj]
+    objs = [None] * procs.world_size
+    torch.distributed.all_gather_object(objs, obj)
+    return objs
+
+
+def check_replicas_agree(model, procs, device):
+    """Data-parallel processes must end with the same weights; if not, they trained apart."""
+    if procs.world_size == 1:
+        return
+    fingerprint = sum(p.detach().double().sum() for p in model.parameters())
+    spread = torch.stack([fingerprint, -fingerprint]).to(device)
+    torch.distributed.all_reduce(spread, op=torch.distributed.ReduceOp.MAX)  # max and -min
+    if spread.sum().item() != 0.0:
+        raise RuntimeError("the processes ended with different weights: their replicas drifted apart")

@@ -1,0 +1,78 @@
+import os
+import time
+
+import pytest
+import torch
+
+import device
+from configurator import ConfigError, configure
+from device import select_dtype, start_processes, use_compile
+from helpers import REPO
+from train import TrainConfig
+
+
+def test_dtype_choice():
+    assert select_dtype("auto", "mps") == "float32"
+    assert select_dtype("bfloat16", "cpu") == "bfloat16"
+    with pytest.raises(ConfigError, match="float16 autocast is for GPUs"):
+        select_dtype("float16", "cpu")
+
+
+def test_dtype_choice_on_cuda_and_cpu(monkeypatch):
+    # PyTorch calls bf16 "supported" on T4 / V100 / RTX 20xx, where it is emulated: those get float16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    assert select_dtype("auto", "cuda") == "float16"  # with a GradScaler
+    assert select_dtype("auto", "cuda:1") == "float16"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert select_dtype("auto", "cuda") == "bfloat16"  # A100 and newer
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 4))
+    monkeypatch.setattr(torch.version, "hip", "6.2")
+    assert select_dtype("auto", "cuda") == "bfloat16"  # AMD Instinct
+    # CPUs: by a measured bf16 / float32 matmul speed ratio
+    monkeypatch.setattr(device, "cpu_bf16_speedup", lambda: 0.01)  # emulated: 100x slower
+    assert select_dtype("auto", "cpu") == "float32"
+    assert "0.01x float32" in device.describe_dtype("auto", "float32", "cpu")
+    monkeypatch.setattr(device, "cpu_bf16_speedup", lambda: 2.1)  # AVX512-BF16, AMX, ARM BF16
+    assert select_dtype("auto", "cpu") == "bfloat16"
+    assert select_dtype("auto", "mps") == "float32"
+
+
+def test_cpu_bf16_probe_is_quick_and_agrees_with_a_matmul_timing():
+    device.cpu_bf16_speedup.cache_clear()
+    torch.manual_seed(0)
+    speedup = device.cpu_bf16_speedup()
+    after_probe = torch.rand(3)
+    torch.manual_seed(0)
+    assert torch.equal(torch.rand(3), after_probe)  # the probe leaves the global generator alone
+    # independently: a bigger matmul shows the same side of 1 (native bf16 faster, emulated far slower)
+    a32 = torch.randn(512, 512)
+    a16 = a32.bfloat16()
+    a32 @ a32, a16 @ a16
+    times = []
+    for a in (a32, a16):
+        t0 = time.perf_counter()
+        for _ in range(3):
+            a @ a
+        times.append(time.perf_counter() - t0)
+    assert (speedup > 1.0) == (times[0] / times[1] > 1.0)
+
+
+def test_torchrun_on_mps_is_refused_before_joining(monkeypatch):
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="torchrun can't train on MPS.*--device=cpu"):
+        start_processes("auto")
+    assert not torch.distributed.is_initialized()
+
+
+def test_compile_follows_the_device_unless_set():
+    assert use_compile("auto", "cuda") and use_compile("auto", "cuda:1")
+    assert not use_compile("auto", "cpu") and not use_compile("auto", "mps")
+    assert use_compile(True, "cpu") and not use_compile(False, "cuda")
+    assert configure(TrainConfig, [os.path.join(REPO, "config", "train_shakespeare_char.py")]).compile == "auto"
+

@@ -1,0 +1,97 @@
+import csv
+import dataclasses
+import json
+import os
+import struct
+import sys
+
+import pytest
+
+from configurator import UserError
+from helpers import TINY_TEXT, run_script
+from metrics import plot_metrics
+from train import train
+
+
+def test_metrics_csv_and_plot(tiny_cfg):
+    pytest.importorskip("matplotlib")
+    train(dataclasses.replace(tiny_cfg, plot=True))
+    with open(os.path.join(tiny_cfg.out_dir, "metrics.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["iter"]) for r in rows if r["kind"] == "eval"] == [0, 20, 40]
+    assert [int(r["iter"]) for r in rows if r["kind"] == "log"] == [10, 20, 30, 40]
+    assert int(rows[-1]["tokens"]) == 40 * 8 * 32
+    with open(os.path.join(tiny_cfg.out_dir, "loss.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_without_matplotlib(tiny_cfg, monkeypatch):
+    train(tiny_cfg)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(UserError, match="pip install matplotlib"):
+        plot_metrics(tiny_cfg.out_dir)
+
+
+def read_wandb_records(path):
+    """The records of an offline run's .wandb file: a 7-byte header, then a log of 32 KiB blocks whose
+    records each have a 7-byte header (crc32, length, type: 1 whole, 2 first, 3 middle, 4 last part)."""
+    from wandb.proto import wandb_internal_pb2
+    data, pos, records, parts = path.read_bytes(), 7, [], b""
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        left = 32768 - pos % 32768
+        if left < 7:
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        payload, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        parts = payload if kind in (1, 2) else parts + payload
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(parts)
+            records.append(record)
+    return records
+
+
+def test_wandb_logs_the_metrics_and_config_offline(tiny_cfg, tmp_path, monkeypatch):
+    """A real wandb run in offline mode (no account, no network): it gets the config and the numbers
+    metrics.csv gets, under nanoGPT's names for the eval losses."""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = dataclasses.replace(tiny_cfg, wandb_log=True, wandb_project="tiny-project", wandb_run_name="tiny-run")
+    losses = train(cfg)
+    files = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 1
+    records = read_wandb_records(files[0])
+    run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
+    name = lambda item: item.key or "/".join(item.nested_key)  # noqa: E731
+    config = {name(item): json.loads(item.value_json) for item in run.config.update}
+    assert (run.project, run.display_name) == ("tiny-project", "tiny-run")
+    assert config["n_embd"] == 32 and config["wandb_log"] is True
+    history = [{name(item): json.loads(item.value_json) for item in r.history.item}
+               for r in records if r.WhichOneof("record_type") == "history"]
+    assert [h["iter"] for h in history] == [0, 10, 20, 30, 40]
+    assert history[-1]["val/loss"] == pytest.approx(losses["val"], abs=1e-5)
+    assert {"train/loss", "val/loss", "loss", "lr", "tokens", "elapsed_s"} <= history[-1].keys()
+    with open(os.path.join(cfg.out_dir, "metrics.csv")) as f:
+        last_log = [r for r in csv.DictReader(f) if r["kind"] == "log"][-1]
+    assert history[-1]["loss"] == pytest.approx(float(last_log["loss"]))
+
+
+def test_wandb_missing_is_one_line(tiny_cfg, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb now raises ImportError
+    with pytest.raises(UserError, match="wandb_log=True needs the wandb package: pip install wandb"):
+        train(dataclasses.replace(tiny_cfg, wandb_log=True))
+
+
+def test_the_run_records_its_config(tiny_cfg, capsys):
+    train(tiny_cfg)
+    with open(os.path.join(tiny_cfg.out_dir, "config.json")) as f:
+        recorded = json.load(f)
+    assert recorded == dataclasses.asdict(dataclasses.replace(tiny_cfg, vocab_size=recorded["vocab_size"]))
+    assert recorded["vocab_size"] == len(set(TINY_TEXT))  # the dataset's, not the default
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("config: "))
+    assert "batch_size=8" in line and "n_layer=2" in line and "beta1" not in line  # only what differs
+
