@@ -4,8 +4,9 @@ Measure training and sampling speed for a model shape on this machine.
     python bench.py                                     # the GPU recipe's shape, batch 8
     python bench.py --n_layer=4 --n_head=4 --n_embd=128 --block_size=64 --batch_size=12
 
-Times train.py's own batches and train_step (ms/iter, tokens/s, MFU against this machine's measured matmul
-peak in the same dtype), sampling speed with and without the KV cache, and peak memory. With
+Times what train.py runs, its TrainBatches and train_step (ms/iter, tokens/s, MFU against this
+machine's measured matmul peak in the same dtype, as train.py's log), sampling speed with and without
+the KV cache, and peak memory. With
 --compare=True (default) it also runs nanoGPT's path (float32, unfused AdamW, no KV cache),
 alternating the two so that both see the same machine conditions, and reports the ratios.
 """

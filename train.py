@@ -9,6 +9,7 @@ Any setting can be overridden with --key=value. Read train() at the bottom first
 helpers above it do one thing each; device.py, checkpoint.py and metrics.py hold the plumbing.
 """
 
+import functools
 import math
 import os
 import signal
@@ -314,6 +315,15 @@ def evaluate_split(model, path, block_size, batch_size, device, ctx, procs=Proce
     return total.item() / n_windows
 
 
+def evaluate_only(model, cfg, device, ctx, procs):
+    """--eval_only: the checkpoint's loss on eval_iters batches of each split."""
+    losses = estimate_loss(model, cfg, device, ctx, procs)
+    if procs.master:
+        print(f"eval: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+    end_processes(procs)
+    return losses
+
+
 def show_sample(model, tok, ctx, device, seed, max_new_tokens=200):
     """A sample from a fixed seed, so that samples along a run differ only by what the model learnt.
     It has its own generator: the run's random state (and so its resumes) stays untouched."""
@@ -348,6 +358,14 @@ def train_step(model, optimizer, scaler, batches, accum_steps, ctx, grad_clip, l
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return total / accum_steps
+
+
+def micro_steps_per_process(cfg, procs):
+    """gradient_accumulation_steps counts the micro-steps of all processes together, as nanoGPT's."""
+    if cfg.gradient_accumulation_steps % procs.world_size:
+        raise ConfigError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} must be a multiple "
+                          f"of the number of processes ({procs.world_size})")
+    return cfg.gradient_accumulation_steps // procs.world_size
 
 
 def mean_over_processes(loss, procs):
@@ -414,8 +432,8 @@ def prepare_out_dir(cfg, procs):
         record_config(cfg, cfg.out_dir)
 
 
-def save(path, model, optimizer, scaler, progress, cfg, tok, data_rng, device, procs, val_loss=None):
-    """Every process calls this: each contributes its random state; rank 0 writes."""
+def save_run(model, optimizer, scaler, progress, cfg, tok, data_rng, device, procs, path, val_loss=None):
+    """Save the run to path. Every process calls this: each contributes its random state; rank 0 writes."""
     rng = gather_from_all(capture_rng(data_rng, device), procs)
     if procs.master:
         save_checkpoint(training_checkpoint(model, optimizer, scaler, progress, cfg, tok.chars, rng, val_loss), path)
@@ -423,6 +441,12 @@ def save(path, model, optimizer, scaler, progress, cfg, tok, data_rng, device, p
         if path != stopped and os.path.exists(stopped):
             os.remove(stopped)  # ckpt.pt is now the newer state
     barrier(procs)  # no process leaves (or is killed by torchrun) while rank 0 saves
+
+
+def report_start(model, cfg, tokens_per_iter, dtype, device, procs):
+    print(f"parameters: {model.get_num_params() / 1e6:.2f}M | tokens per iteration: {tokens_per_iter:,} | "
+          f"device: {device} | dtype: {describe_dtype(cfg.dtype, dtype, device)}"
+          + (f" | processes: {procs.world_size}" if procs.world_size > 1 else ""))
 
 
 def report_end(cfg, progress, val_full, start_iter):
@@ -443,9 +467,7 @@ def report_end(cfg, progress, val_full, start_iter):
 def train(cfg):
     """Train the model cfg describes; return the last evaluation's losses (and the whole val split's)."""
     procs, device = start_processes(cfg.device, cfg.backend)
-    if cfg.gradient_accumulation_steps % procs.world_size:
-        raise ConfigError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} must be a multiple "
-                          f"of the number of processes ({procs.world_size})")
+    micro_steps = micro_steps_per_process(cfg, procs)
     dtype = select_dtype(cfg.dtype, device)
     ctx = autocast_context(device, dtype)  # mixed precision: matmuls in dtype, weights in float32
     tok = load_dataset(cfg, procs)
@@ -454,11 +476,7 @@ def train(cfg):
     cfg, model, checkpoint = init_model(cfg, tok, device)
     model.to(device)
     if cfg.eval_only:
-        losses = estimate_loss(model, cfg, device, ctx, procs)
-        if procs.master:
-            print(f"eval: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-        end_processes(procs)
-        return losses
+        return evaluate_only(model, cfg, device, ctx, procs)
 
     prepare_out_dir(cfg, procs)  # only now: a run refused above leaves nothing behind
     device_type = torch.device(device).type
@@ -471,15 +489,13 @@ def train(cfg):
     checkpoint = None  # free its memory
     compiled = use_compile(cfg.compile, device)
     step_model = prepare_model(model, compiled, device, procs)
-    micro_steps = cfg.gradient_accumulation_steps // procs.world_size
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
     batches = TrainBatches(os.path.join(dataset_dir(cfg), "train.bin"), cfg.batch_size, cfg.block_size,
                            micro_steps, data_rng, device, procs)
-    peak = matmul_peak_flops(device, dtype) if procs.master else 1.0
+    save = functools.partial(save_run, model, optimizer, scaler, progress, cfg, tok, data_rng, device, procs)
+    peak = matmul_peak_flops(device, dtype) if procs.master else 1.0  # MFU is measured against it
     if procs.master:
-        print(f"parameters: {model.get_num_params() / 1e6:.2f}M | tokens per iteration: {tokens_per_iter:,} | "
-              f"device: {device} | dtype: {describe_dtype(cfg.dtype, dtype, device)}"
-              + (f" | processes: {procs.world_size}" if procs.world_size > 1 else ""))
+        report_start(model, cfg, tokens_per_iter, dtype, device, procs)
     timed = cfg.max_seconds > 0
     clocked = timed or progress.schedule_seconds > 0  # each step's time decides when to stop, or the lr
     start_iter = progress.iter_num
@@ -495,8 +511,7 @@ def train(cfg):
                 improved = losses["val"] < progress.best_val_loss
                 progress.best_val_loss = min(progress.best_val_loss, losses["val"])
                 if progress.iter_num > 0 and (improved or cfg.always_save_checkpoint):
-                    save(os.path.join(cfg.out_dir, CKPT_NAME), model, optimizer, scaler, progress, cfg, tok,
-                         data_rng, device, procs, losses["val"])
+                    save(os.path.join(cfg.out_dir, CKPT_NAME), losses["val"])
                 log.restart_clock()  # evals and saves are not training time
             if cfg.sample_interval and progress.iter_num % cfg.sample_interval == 0 and procs.master:
                 log.write(f"sample at step {progress.iter_num}:\n{show_sample(model, tok, ctx, device, cfg.seed)}")
@@ -506,7 +521,7 @@ def train(cfg):
             if stop.asked(progress.iter_num, cfg.log_interval, procs, device):
                 # ckpt.pt keeps the best model unless every eval saves anyway; resume picks the newer file
                 path = os.path.join(cfg.out_dir, CKPT_NAME if cfg.always_save_checkpoint else RESUME_NAME)
-                save(path, model, optimizer, scaler, progress, cfg, tok, data_rng, device, procs)
+                save(path)
                 raise Interrupted(f"stopped by {stop.received or 'a signal to another process'} after iteration "
                                   f"{progress.iter_num}; saved {path}; continue with --init_from=resume")
 

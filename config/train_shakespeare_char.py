@@ -7,21 +7,21 @@ eval_iters = 200
 log_interval = 10
 always_save_checkpoint = False  # save only when val improves
 
-dataset = 'shakespeare_char'
-gradient_accumulation_steps = 1
-batch_size = 64
-block_size = 256  # context of up to 256 previous characters
-
 n_layer = 6
 n_head = 6
 n_embd = 384
 dropout = 0.2
+block_size = 256  # context of up to 256 previous characters
 
-learning_rate = 1e-3  # small networks can take a higher learning rate
+dataset = 'shakespeare_char'
+batch_size = 64
+gradient_accumulation_steps = 1
+
 max_iters = 5000
+warmup_iters = 100
+learning_rate = 1e-3  # small networks can take a higher learning rate
 lr_decay_iters = 5000  # usually equal to max_iters
 min_lr = 1e-4  # learning_rate / 10
 beta2 = 0.99  # a little larger than GPT-2's 0.95 because there are few tokens per iteration
-warmup_iters = 100
 
 # compile is 'auto' (the default): on for CUDA, where it pays; off on CPU and MPS, where it does not

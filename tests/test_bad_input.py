@@ -4,6 +4,7 @@ as `python SCRIPT ...` runs it (the last test runs a few as real subprocesses)."
 import dataclasses
 import os
 import pickle
+import shlex
 import sys
 
 import pytest
@@ -84,80 +85,91 @@ def T(cfg):
             "--learning_rate=3e-3", "--dtype=float32", "--seed=0"]
 
 
-CASES = [
-    # train.py: settings
-    ("train", ["--batch_size=0"], "batch_size must be positive, got 0"),
-    ("train", ["--learning_rate=-1"], "learning_rate must be positive, got -1.0"),
-    ("train", ["--learning_rate=1e999"], "learning_rate must be a finite number"),
-    ("train", ["--min_lr=0.5"], "min_lr must be between 0 and learning_rate"),
-    ("train", ["--beta2=1.5"], "beta2 must be in [0, 1)"),
-    ("train", ["--dropout=1.0"], "dropout must be in [0, 1)"),
-    ("train", ["--grad_clip=-1"], "grad_clip must be >= 0"),
-    ("train", ["--warmup_iters=500", "--lr_decay_iters=100"], "lr_decay_iters must be greater than warmup_iters"),
-    ("train", ["--device=cpu:x"], "device must be auto, cpu, cuda, cuda:N or mps, got 'cpu:x'"),
-    ("train", ["--device=cuda:0"], "this PyTorch sees no CUDA GPU"),
-    ("train", ["--dtype=float8"], "dtype must be one of 'auto', 'float32', 'bfloat16', 'float16'"),
-    ("train", ["--dtype=float16"], "float16 autocast is for GPUs"),
-    ("train", ["--compile=yes"], "compile must be one of True, False, 'auto'"),
-    ("train", ["--optimizer=sgd"], "optimizer must be one of 'adamw', 'muon'"),
-    ("train", ["--backend=mpi"], "backend must be one of"),
-    ("train", ["--pos_encoding=alibi"], "pos_encoding must be 'learned', 'sinusoidal' or 'rope'"),
-    ("train", ["--init_from=gpt2-xl"], "GPT-2 weights are not supported"),
-    ("train", ["--max_seconds=-1"], "max_seconds must be >= 0"),
-    ("train", ["--eval_iters=0"], "eval_iters must be positive"),
-    ("train", ["--dataset=../elsewhere"], "dataset must be the name of a folder under data_dir"),
-    ("train", ["--n_layer=2.5"], "n_layer must be int"),
-    ("train", ["--batch_size"], "'--batch_size' has no value"),
-    # train.py: files
-    ("train", ["{d}/folder"], "is a folder; give a .py file"),
-    ("train", ["{d}/latin1.txt"], "is not UTF-8 text"),
-    ("train", ["{d}/syntax.py"], "failed to run: SyntaxError"),
-    ("train", ["{d}/raises.py"], "failed to run: ZeroDivisionError"),
-    ("train", ["--init_from=resume", "--out_dir={d}/out_truncated"], "is not a readable checkpoint"),
-    ("train", ["--init_from=resume", "--out_dir={d}/out_folder_ckpt"], "is not a readable checkpoint"),
-    ("train", ["--init_from=resume", "--out_dir={d}/out_list"], "is not a checkpoint of this project or nanoGPT"),
-    ("train", ["--init_from=resume", "--out_dir={d}/out_hostile"], "is not a readable checkpoint"),
-    ("train", ["--init_from={d}/out_hostile/ckpt.pt", "--out_dir={d}/new"], "is not a readable checkpoint"),
-    ("train", ["--init_from=resume", "--batch_size=4"], "was trained with batch_size=8, not 4"),
-    ("train", ["--dataset=meta_notpickle"], "meta.pkl is not a vocabulary file"),
-    ("train", ["--dataset=meta_hostile"], "meta.pkl is not a vocabulary file (UnpicklingError: it asks for"),
-    ("train", ["--dataset=meta_wrongshape"], "meta.pkl is not a vocabulary file"),
-    ("train", ["--dataset=odd_bin"], "does not belong with"),
-    ("train", ["--dataset=missing"], "dataset 'missing' is not prepared"),
-    # sample.py
-    ("sample", ["--start="], "start must be a prompt of at least one character"),
-    ("sample", ["--start=FILE:{d}/empty.txt"], "the prompt file {d}/empty.txt is empty"),
-    ("sample", ["--start=FILE:{d}/folder"], "is a folder; give a text file"),
-    ("sample", ["--start=FILE:{d}/latin1.txt"], "is not UTF-8 text"),
-    ("sample", ["--start=FILE:{d}/nothere.txt"], "can't read the prompt file"),
-    ("sample", ["--start=FILE:{d}/foreign.txt"], "characters not in the vocabulary"),
-    ("sample", ["--top_k=0"], "top_k must be positive, or None"),
-    ("sample", ["--top_k=-3"], "top_k must be positive, or None"),
-    ("sample", ["--temperature=-1"], "temperature must be >= 0"),
-    ("sample", ["--num_samples=0"], "num_samples must be positive"),
-    ("sample", ["--max_new_tokens=0"], "max_new_tokens must be positive"),
-    ("sample", ["--device=cpu:x"], "device must be auto, cpu, cuda, cuda:N or mps"),
-    ("sample", ["--init_from=gpt2"], "GPT-2 weights are not supported"),
-    ("sample", ["--init_from=scratch"], "init_from must be 'resume'"),
-    ("sample", ["--out_dir={d}/out_truncated"], "is not a readable checkpoint"),
-    ("sample", ["--out_dir={d}/out_hostile"], "is not a readable checkpoint"),
-    ("sample", ["--out_dir={d}/nothing"], "no checkpoint at"),
-    # prepare_shakespeare.py
-    ("prepare", ["--input", "{d}/folder"], "is a folder; give a text file"),
-    ("prepare", ["--input", "{d}/latin1.txt"], "is not UTF-8 text"),
-    ("prepare", ["--input", "{d}/empty.txt"], "is empty"),
-    ("prepare", ["--input", "{d}/nothere.txt"], "not found"),
-    ("prepare", ["--input", "{d}/foreign.txt", "--vocab_from", "meta_hostile"], "meta.pkl is not a vocabulary file"),
-    ("prepare", ["--input", "{d}/foreign.txt", "--vocab_from", "tiny"], "characters not in the vocabulary"),
-    ("prepare", ["--input", "{d}/foreign.txt", "--data_dir", "{d}/latin1.txt/data"], "could not write the dataset"),
-    ("prepare", ["--dataset", "../x"], "--dataset must be the name of a folder under --data_dir, got '../x'"),
-    ("prepare", ["--url", "ftp://x/y"], "--url must be an http:// or https:// address"),
-    ("prepare", ["--sha256", "abc"], "--sha256 must be 64 hexadecimal digits"),
-    # bench.py
-    ("bench", ["--steps=0"], "steps must be positive"),
-    ("bench", ["--n_embd=100", "--n_head=3"], "n_embd=100 is not divisible by n_head=3"),
-    ("bench", ["--device=gpu"], "device must be auto, cpu, cuda, cuda:N or mps"),
-]
+# One case a line: the script, its arguments (as a shell splits them) | what its one line of error says.
+CASES_TABLE = """
+# train.py: settings
+train --batch_size=0                                               | batch_size must be positive, got 0
+train --learning_rate=-1                                           | learning_rate must be positive, got -1.0
+train --learning_rate=1e999                                        | learning_rate must be a finite number
+train --min_lr=0.5                                                 | min_lr must be between 0 and learning_rate
+train --beta2=1.5                                                  | beta2 must be in [0, 1)
+train --dropout=1.0                                                | dropout must be in [0, 1)
+train --grad_clip=-1                                               | grad_clip must be >= 0
+train --warmup_iters=500 --lr_decay_iters=100                      | lr_decay_iters must be greater than warmup_iters
+train --device=cpu:x                                               | device must be auto, cpu, cuda, cuda:N or mps, got 'cpu:x'
+train --device=cuda:0                                              | this PyTorch sees no CUDA GPU
+train --dtype=float8                                               | dtype must be one of 'auto', 'float32', 'bfloat16', 'float16'
+train --dtype=float16                                              | float16 autocast is for GPUs
+train --compile=yes                                                | compile must be one of True, False, 'auto'
+train --optimizer=sgd                                              | optimizer must be one of 'adamw', 'muon'
+train --backend=mpi                                                | backend must be one of
+train --pos_encoding=alibi                                         | pos_encoding must be 'learned', 'sinusoidal' or 'rope'
+train --vocab_size=100                                             | '--vocab_size' is not a setting here: it is the dataset's number of characters
+train --init_from=gpt2-xl                                          | GPT-2 weights are not supported
+train --max_seconds=-1                                             | max_seconds must be >= 0
+train --eval_iters=0                                               | eval_iters must be positive
+train --dataset=../elsewhere                                       | dataset must be the name of a folder under data_dir
+train --n_layer=2.5                                                | n_layer must be int
+train --batch_size                                                 | '--batch_size' has no value
+# train.py: files
+train '{d}/folder'                                                 | is a folder; give a .py file
+train '{d}/latin1.txt'                                             | is not UTF-8 text
+train '{d}/syntax.py'                                              | failed to run: SyntaxError
+train '{d}/raises.py'                                              | failed to run: ZeroDivisionError
+train --init_from=resume '--out_dir={d}/out_truncated'             | is not a readable checkpoint
+train --init_from=resume '--out_dir={d}/out_folder_ckpt'           | is not a readable checkpoint
+train --init_from=resume '--out_dir={d}/out_list'                  | is not a checkpoint of this project or nanoGPT
+train --init_from=resume '--out_dir={d}/out_hostile'               | is not a readable checkpoint
+train '--init_from={d}/out_hostile/ckpt.pt' '--out_dir={d}/new'    | is not a readable checkpoint
+train --init_from=resume --batch_size=4                            | was trained with batch_size=8, not 4
+train --dataset=meta_notpickle                                     | meta.pkl is not a vocabulary file
+train --dataset=meta_hostile                                       | meta.pkl is not a vocabulary file (UnpicklingError: it asks for
+train --dataset=meta_wrongshape                                    | meta.pkl is not a vocabulary file
+train --dataset=odd_bin                                            | does not belong with
+train --dataset=missing                                            | dataset 'missing' is not prepared
+# sample.py
+sample --start=                                                    | start must be a prompt of at least one character
+sample '--start=FILE:{d}/empty.txt'                                | the prompt file {d}/empty.txt is empty
+sample '--start=FILE:{d}/folder'                                   | is a folder; give a text file
+sample '--start=FILE:{d}/latin1.txt'                               | is not UTF-8 text
+sample '--start=FILE:{d}/nothere.txt'                              | can't read the prompt file
+sample '--start=FILE:{d}/foreign.txt'                              | characters not in the vocabulary
+sample --top_k=0                                                   | top_k must be positive, or None
+sample --top_k=-3                                                  | top_k must be positive, or None
+sample --temperature=-1                                            | temperature must be >= 0
+sample --num_samples=0                                             | num_samples must be positive
+sample --max_new_tokens=0                                          | max_new_tokens must be positive
+sample --device=cpu:x                                              | device must be auto, cpu, cuda, cuda:N or mps
+sample --init_from=gpt2                                            | GPT-2 weights are not supported
+sample --init_from=scratch                                         | init_from must be 'resume'
+sample '--out_dir={d}/out_truncated'                               | is not a readable checkpoint
+sample '--out_dir={d}/out_hostile'                                 | is not a readable checkpoint
+sample '--out_dir={d}/nothing'                                     | no checkpoint at
+# prepare_shakespeare.py
+prepare --input '{d}/folder'                                       | is a folder; give a text file
+prepare --input '{d}/latin1.txt'                                   | is not UTF-8 text
+prepare --input '{d}/empty.txt'                                    | is empty
+prepare --input '{d}/nothere.txt'                                  | not found
+prepare --input '{d}/foreign.txt' --vocab_from meta_hostile        | meta.pkl is not a vocabulary file
+prepare --input '{d}/foreign.txt' --vocab_from tiny                | characters not in the vocabulary
+prepare --input '{d}/foreign.txt' --data_dir '{d}/latin1.txt/data' | could not write the dataset
+prepare --dataset ../x                                             | --dataset must be the name of a folder under --data_dir, got '../x'
+prepare --url ftp://x/y                                            | --url must be an http:// or https:// address
+prepare --sha256 abc                                               | --sha256 must be 64 hexadecimal digits
+# bench.py
+bench --steps=0                                                    | steps must be positive
+bench --n_embd=100 --n_head=3                                      | n_embd=100 is not divisible by n_head=3
+bench --device=gpu                                                 | device must be auto, cpu, cuda, cuda:N or mps
+"""
+
+
+def case(line):
+    command, message = line.split(" | ", 1)
+    script, *args = shlex.split(command)
+    return script, args, message
+
+
+CASES = [case(line) for line in CASES_TABLE.strip().splitlines() if not line.startswith("#")]
 
 
 @pytest.mark.parametrize("script, args, message", CASES, ids=[" ".join([c[0]] + c[1]) for c in CASES])

@@ -2,14 +2,17 @@ import csv
 import dataclasses
 import json
 import os
+import re
 import struct
 import sys
+import time
 
 import pytest
 
 from configurator import UserError
 from helpers import TINY_TEXT, run_script
-from metrics import plot_metrics
+from checkpoint import Progress
+from metrics import TrainingLog, plot_metrics
 from train import train
 
 
@@ -95,3 +98,28 @@ def test_the_run_records_its_config(tiny_cfg, capsys):
     line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("config: "))
     assert "batch_size=8" in line and "n_layer=2" in line and "beta1" not in line  # only what differs
 
+
+
+def test_a_finished_run_is_plotted_by_a_plain_command(tiny_cfg, tmp_path):
+    pytest.importorskip("matplotlib")
+    train(tiny_cfg)
+    assert not os.path.exists(os.path.join(tiny_cfg.out_dir, "loss.png"))
+    r = run_script("metrics.py", f"--out_dir={tiny_cfg.out_dir}")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == f"loss curves drawn in {os.path.join(tiny_cfg.out_dir, 'loss.png')}"
+    with open(os.path.join(tiny_cfg.out_dir, "loss.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    r = run_script("metrics.py", f"--out_dir={tmp_path / 'nothing'}")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1
+    assert r.stderr.startswith("error: no loss curves to draw: can't read") and "train a run" in r.stderr
+
+
+def test_log_lines_show_ms_per_iteration_and_mfu(tiny_cfg, capsys):
+    """MFU is the model's FLOPs per iteration over the time per iteration, as a share of the peak."""
+    os.makedirs(tiny_cfg.out_dir)
+    with TrainingLog(tiny_cfg, Progress(), tokens_per_iter=256, flops_per_iter=1e9, peak_flops=4e9, master=True) as log:
+        log.window_start, log.window_iters = time.perf_counter() - 2.0, 2  # two iterations in 2 s
+        log.log(Progress(iter_num=10), loss=1.5, lr=1e-3)
+        assert "loss 1.5000, lr 1.00e-03, 1000 ms/iter, 256 tok/s, MFU 25.0%" in log.bar.postfix
+    train(tiny_cfg)
+    assert re.search(r"\d+ ms/iter, [\d,]+ tok/s, MFU \d+\.\d%", capsys.readouterr().err)  # a real run's

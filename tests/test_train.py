@@ -2,6 +2,7 @@ import csv
 import dataclasses
 import math
 import os
+import re
 import time
 from contextlib import nullcontext
 
@@ -355,3 +356,17 @@ def test_dataset_files_that_do_not_belong_together_are_refused(tiny_cfg, tiny_da
         train(tiny_cfg)
     assert not os.path.exists(tiny_cfg.out_dir)
 
+
+
+def test_samples_while_training_leave_the_run_unchanged(tiny_cfg, capsys):
+    """sample_interval prints a sample now and then, from its own random generator: the run's
+    losses and checkpoint are those of a run without samples."""
+    quiet = train(dataclasses.replace(tiny_cfg, out_dir=tiny_cfg.out_dir + "-quiet", dropout=0.1))
+    capsys.readouterr()
+    chatty = train(dataclasses.replace(tiny_cfg, dropout=0.1, sample_interval=20))
+    out = capsys.readouterr().out
+    assert chatty == quiet
+    samples = re.findall(r"sample at step (\d+):\n(.*?)\n(?:step|trained)", out, re.S)
+    assert [int(step) for step, _ in samples] == [0, 20, 40]
+    assert all(len(text) >= 100 and set(text) <= set(TINY_TEXT) for _, text in samples)
+    assert samples[0][1] != samples[2][1]  # the model learnt in between
