@@ -20,24 +20,24 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
 
-from configurator import check, check_choice, check_device, configure, run_main
-from device import (COMPILE_CHOICES, DTYPES, autocast_context, describe_dtype, matmul_peak_flops, newton_schulz_dtype,
-                    select_device, select_dtype, synchronize, use_compile)
+from configurator import check, configure, run_main
+from device import (DeviceSettings, autocast_context, describe_dtype, matmul_peak_flops, newton_schulz_dtype,
+                    select_device, select_dtype, select_sampling_dtype, synchronize, use_compile)
 from model import GPT, GPTConfig
 from train import TrainBatches, check_model_settings, model_config, train_step
 
 
 @dataclass
-class BenchConfig(GPTConfig):
-    """The model's settings (GPTConfig, in model.py; the GPU recipe's by default) and the benchmark's."""
+class BenchConfig(GPTConfig, DeviceSettings):
+    """The model's settings (GPTConfig, in model.py; the GPU recipe's by default), where it runs
+    (DeviceSettings, in device.py) and the benchmark's."""
+    not_settings: ClassVar = {"model_type": "the benchmark times the GPT"}
     batch_size: int = 8
-    device: str = "auto"
-    dtype: str = "auto"
-    compile: bool | str = "auto"  # 'auto': on CUDA only, as train.py
     compare: bool = True  # also time nanoGPT's path: float32, unfused AdamW, no KV cache
     recipe: bool = True  # also time the CPU recipe's choices: Muon and rotary positions
     steps: int = 10  # timed training steps per round
@@ -49,9 +49,7 @@ class BenchConfig(GPTConfig):
     def __post_init__(self):
         for key in ("batch_size", "steps", "rounds", "sample_tokens", "num_samples"):
             check(getattr(self, key) > 0, key, getattr(self, key), "positive")
-        check_choice("dtype", self.dtype, DTYPES)
-        check_choice("compile", self.compile, COMPILE_CHOICES)
-        check_device("device", self.device)
+        self.check_device_settings()
         check_model_settings(self)
 
 
@@ -98,10 +96,10 @@ def describe_device(device):
 class Variant:
     """One way of running the model: its dtype, optimizer, position encoding and whether generation caches."""
 
-    def __init__(self, name, cfg, device, dtype, fused, use_cache, data_path, optimizer="adamw",
+    def __init__(self, name, cfg, device, dtype, data_path, fused=None, use_cache=True, optimizer="adamw",
                  pos_encoding="learned"):
         self.name, self.device, self.dtype, self.use_cache = name, device, dtype, use_cache
-        self.pos_encoding = pos_encoding
+        self.pos_encoding, self.requested_dtype = pos_encoding, cfg.dtype
         self.device_type = torch.device(device).type
         torch.manual_seed(cfg.seed)
         self.model = GPT(model_config(cfg, pos_encoding=pos_encoding)).to(device)
@@ -132,12 +130,17 @@ class Variant:
         loss.item()  # wait for the last step
         self.step_times.append((time.perf_counter() - t0) / steps)
 
+    def sampling_model(self, batch_size):
+        """The model as sample.py holds it for batch_size samples: weights stored in its sampling
+        dtype (nanoGPT's sample.py: float32 on a CPU)."""
+        dtype = select_sampling_dtype(self.requested_dtype, self.device, batch_size) if self.use_cache else "float32"
+        return copy.deepcopy(self.model).eval().to(dtype=getattr(torch, dtype)), dtype
+
     def time_sampling(self, new_tokens, num_samples):
         """Characters per second of one stream, and seconds for num_samples samples: one batch here,
         one sample after another on nanoGPT's path (as its sample.py does)."""
-        # as sample.py does it: weights stored in the sampling dtype
-        model = copy.deepcopy(self.model).eval().to(dtype=getattr(torch, self.dtype))
         idx = torch.zeros((1, 1), dtype=torch.long, device=self.device)
+        model, self.sampling_dtypes = self.sampling_model(1)
         synchronize(self.device)
         t0 = time.perf_counter()
         model.generate(idx, new_tokens, temperature=0.8, top_k=200, use_cache=self.use_cache)
@@ -147,6 +150,8 @@ class Variant:
         if not self.use_cache:  # nanoGPT's loop: every sample costs what one does
             self.batch_times.append(num_samples * one)
             return
+        model, dtype = self.sampling_model(num_samples)
+        self.sampling_dtypes += f" / {dtype}"
         t0 = time.perf_counter()
         model.generate(idx.expand(num_samples, -1), new_tokens, temperature=0.8, top_k=200)
         synchronize(self.device)
@@ -160,11 +165,11 @@ def bench(cfg):
     with tempfile.TemporaryDirectory() as tmp:
         data_path = os.path.join(tmp, "tokens.bin")
         np.random.default_rng(0).integers(0, cfg.vocab_size, 200_000, dtype=np.uint16).tofile(data_path)
-        variants = [Variant("this repo", cfg, device, dtype, None, True, data_path)]
+        variants = [Variant("this repo", cfg, device, dtype, data_path, pos_encoding=cfg.pos_encoding)]
         if cfg.recipe:
-            variants.append(Variant("+ Muon, RoPE", cfg, device, dtype, None, True, data_path, "muon", "rope"))
-        if cfg.compare:
-            variants.append(Variant("nanoGPT path", cfg, device, "float32", False, False, data_path))
+            variants.append(Variant("+ Muon, RoPE", cfg, device, dtype, data_path, optimizer="muon", pos_encoding="rope"))
+        if cfg.compare:  # nanoGPT has learned positions only
+            variants.append(Variant("nanoGPT path", cfg, device, "float32", data_path, fused=False, use_cache=False))
         peaks = {dt: matmul_peak_flops(device, dt) for dt in {v.dtype for v in variants}}
         for v in variants:  # warm up: first steps allocate, autotune and (with compile) compile
             v.time_steps(2)
@@ -187,8 +192,10 @@ def bench(cfg):
 
 def report(cfg, device, dtype, peaks, variants):
     tokens_per_iter = cfg.batch_size * cfg.block_size
+    one, batch = variants[0].sampling_dtypes.split(" / ")
     print(f"device: {describe_device(device)} | torch {torch.__version__}")
-    print(f"dtype: {describe_dtype(cfg.dtype, dtype, device)}")
+    print(f"dtype: {describe_dtype(cfg.dtype, dtype, device)}; sampling, as sample.py stores the weights: "
+          f"{one} for one stream, {batch} for {cfg.num_samples} samples")
     print(f"model: {cfg.n_layer} layers, {cfg.n_head} heads, {cfg.n_embd} wide, block {cfg.block_size}, "
           f"batch {cfg.batch_size}, {variants[0].model.get_num_params() / 1e6:.2f}M parameters")
     print("matmul peak (MFU is against it): " + ", ".join(f"{dt} {f / 1e9:,.0f} GFLOP/s" for dt, f in sorted(peaks.items())))
@@ -197,18 +204,18 @@ def report(cfg, device, dtype, peaks, variants):
              f"{'tokens/s':>9} {'MFU':>6} {'sample tok/s':>12} {samples:>12} {'peak MB':>8}"
     print(header)
     print("-" * len(header))
+    medians = {}
     for v in variants:
-        v.step = statistics.median(v.step_times)
-        v.rate = statistics.median(v.sample_rates)
-        v.batch = statistics.median(v.batch_times)
-        mfu = v.model.flops_per_token() * tokens_per_iter / v.step / peaks[v.dtype]
+        step, rate, batch_s = (statistics.median(t) for t in (v.step_times, v.sample_rates, v.batch_times))
+        medians[v.name] = step, rate, batch_s
+        mfu = v.model.flops_per_token() * tokens_per_iter / step / peaks[v.dtype]
         print(f"{v.name:<14} {v.dtype:<9} {v.optimizer_name:<17} {v.pos_encoding:<9} {'yes' if v.use_cache else 'no':<8} "
-              f"{v.step * 1e3:>8.1f} {tokens_per_iter / v.step:>9,.0f} {mfu:>6.1%} {v.rate:>12,.1f} {v.batch:>12.2f} "
+              f"{step * 1e3:>8.1f} {tokens_per_iter / step:>9,.0f} {mfu:>6.1%} {rate:>12,.1f} {batch_s:>12.2f} "
               f"{v.peak_mb:>8,.0f}")
     if cfg.compare:
-        ours, nano = variants[0], variants[-1]
-        print(f"{'speedup':<14} {'':<9} {'':<17} {'':<9} {'':<8} {nano.step / ours.step:>7.2f}x {'':>9} {'':>6} "
-              f"{ours.rate / nano.rate:>11.1f}x {nano.batch / ours.batch:>11.1f}x")
+        ours, nano = medians[variants[0].name], medians[variants[-1].name]
+        print(f"{'speedup':<14} {'':<9} {'':<17} {'':<9} {'':<8} {nano[0] / ours[0]:>7.2f}x {'':>9} {'':>6} "
+              f"{ours[1] / nano[1]:>11.1f}x {nano[2] / ours[2]:>11.1f}x")
 
 
 def main(argv):

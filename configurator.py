@@ -64,8 +64,7 @@ def read_config_file(path):
     try:
         exec(compile(source, path, "exec"), namespace)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise ConfigError(f"config file '{path}' failed to run: {type(e).__name__}: {first}") from None
+        raise ConfigError(f"config file '{path}' failed to run: {type(e).__name__}: {first_line(e, '')}") from None
     return {k: v for k, v in namespace.items()
             if not k.startswith("_") and not isinstance(v, (types.ModuleType, types.FunctionType, type))}
 
@@ -121,6 +120,12 @@ def check_device(key, value):
     kind, sep, index = value.partition(":")
     ok = value == "auto" or (kind in ("cpu", "cuda", "mps") and not sep) or (kind == "cuda" and index.isdigit())
     check(ok, key, value, "auto, cpu, cuda, cuda:N or mps")
+
+
+def first_line(error, empty=None):
+    """An exception's message cut to its first line, for one-line errors (its type's name if it has none)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else (type(error).__name__ if empty is None else empty)
 
 
 def run_main(main):

@@ -11,10 +11,23 @@ from dataclasses import dataclass
 
 import torch
 
-from configurator import ConfigError, UserError, check_choice, check_device
+from configurator import ConfigError, UserError, check_choice, check_device, first_line
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")  # the dtype settings of train.py, sample.py and bench.py
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 COMPILE_CHOICES = (True, False, "auto")
+
+
+@dataclass
+class DeviceSettings:
+    """The settings train.py, sample.py and bench.py share (their configs extend this)."""
+    device: str = "auto"  # 'auto' (CUDA, else MPS, else CPU), 'cpu', 'cuda', 'cuda:1', 'mps'
+    dtype: str = "auto"  # 'auto' (see select_dtype), 'float32', 'bfloat16', 'float16'
+    compile: bool | str = "auto"  # torch.compile the model; 'auto': on CUDA only (see use_compile)
+
+    def check_device_settings(self):
+        check_choice("dtype", self.dtype, DTYPES)
+        check_choice("compile", self.compile, COMPILE_CHOICES)
+        check_device("device", self.device)
 
 
 # Device
@@ -50,24 +63,12 @@ def synchronize(device):
 
 # Precision
 
-@functools.lru_cache(maxsize=None)
-def cpu_bf16_speedup(n=256, repeats=3):
-    """How many times faster an n x n bfloat16 matmul runs than a float32 one on this CPU (best of
-    `repeats`). CPUs with native bf16 (AVX512-BF16, AMX, ARM's BF16) give 1.5-4x; elsewhere bf16 is
-    emulated and about 100x slower. Measuring works on every OS and architecture (no CPU flag names
-    to know) and costs a few milliseconds, about 50 where bf16 is emulated."""
-    times = {}
-    numbers = torch.Generator().manual_seed(0)  # its own: the global generator must not move
-    for dtype in (torch.float32, torch.bfloat16):
-        a, b = (torch.randn(n, n, generator=numbers).to(dtype) for _ in range(2))
-        a @ b  # the first call may set up kernels
-        best = float("inf")
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            a @ b
-            best = min(best, time.perf_counter() - t0)
-        times[dtype] = best
-    return times[torch.float32] / times[torch.bfloat16]
+def cpu_bf16_speedup():
+    """How many times faster a 256 x 256 bfloat16 matmul runs than a float32 one on this CPU. CPUs
+    with native bf16 (AVX512-BF16, AMX, ARM's BF16) give 1.5-4x; elsewhere bf16 is emulated and
+    about 100x slower. Measuring works on every OS and architecture (no CPU flag names to know)
+    and costs a few milliseconds, about 50 where bf16 is emulated."""
+    return matmul_peak_flops("cpu", "bfloat16", n=256) / matmul_peak_flops("cpu", "float32", n=256)
 
 
 def bf16_is_native(device):
@@ -101,6 +102,16 @@ def select_dtype(dtype, device):
     return dtype
 
 
+def select_sampling_dtype(requested, device, batch_size):
+    """The dtype sample.py stores the weights in. As select_dtype, except one stream on a CPU, which
+    gets bfloat16 even where bf16 matmuls are emulated: a single token's matrix-vector products are
+    bound by reading the weights, and PyTorch's own bf16 kernels for them are fast on every CPU, so
+    half the bytes make each token about twice as fast (measured, README's Performance)."""
+    if requested == "auto" and batch_size == 1 and torch.device(device).type == "cpu":
+        return "bfloat16"
+    return select_dtype(requested, device)
+
+
 def describe_dtype(requested, dtype, device):
     """The dtype and why, for the start-up line."""
     if requested != "auto":
@@ -124,8 +135,8 @@ def matmul_peak_flops(device, dtype, n=None, repeats=3):
     idle), 1024 elsewhere (about 50 ms on a laptop CPU)."""
     if n is None:
         n = 4096 if torch.device(device).type == "cuda" else 1024
-    numbers = torch.Generator().manual_seed(0)  # its own: the global generator must not move
-    a, b = (torch.randn(n, n, generator=numbers).to(device, getattr(torch, dtype)) for _ in range(2))
+    gen = torch.Generator().manual_seed(0)  # its own: the global generator must not move
+    a, b = (torch.randn(n, n, generator=gen).to(device, getattr(torch, dtype)) for _ in range(2))
     a @ b  # the first call may set up kernels
     best = float("inf")
     for _ in range(repeats):
@@ -150,13 +161,11 @@ def out_of_memory_in_one_line(device, what_to_lower):
     try:
         yield
     except (RuntimeError, MemoryError) as e:
-        text = str(e)
-        if not (isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in text
-                or "DefaultCPUAllocator" in text):
+        if not (isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in str(e)
+                or "DefaultCPUAllocator" in str(e)):
             raise
         where = select_device(device) if device == "auto" else device
-        first = text.strip().splitlines()[0][:120] if text.strip() else type(e).__name__
-        raise UserError(f"out of memory on {where} ({first}); lower {what_to_lower}") from None
+        raise UserError(f"out of memory on {where} ({first_line(e)[:120]}); lower {what_to_lower}") from None
 
 
 # Processes: torchrun starts one per GPU (or several on a CPU); they train one model together
@@ -193,11 +202,28 @@ def start_processes(device_setting, backend="auto"):
     return procs, device
 
 
-def end_processes(procs):
-    """Leave together: a process that exits while another still talks to it makes gloo abort."""
-    if procs.world_size > 1:
-        torch.distributed.barrier()
+def end_processes(failed=False):
+    """Leave the process group: together after a run (a process that exits while another still talks
+    to it makes gloo abort), at once after an error."""
+    if torch.distributed.is_initialized():
+        if not failed:
+            torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+
+
+def on_rank0(action, procs, device):
+    """Run action() on rank 0 only, and return what it returns there (None elsewhere). If it fails
+    with a UserError, every process stops with an error: the others would otherwise wait forever
+    for rank 0 at the next collective."""
+    error, result = None, None
+    if procs.master:
+        try:
+            result = action()
+        except UserError as e:
+            error = e
+    if any_process(error is not None, procs, device):
+        raise error or UserError("stopped because rank 0 failed (its error is above)")
+    return result
 
 
 # The functions below are collective: every process must call them, at the same point.

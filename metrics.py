@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, fields
 
 from tqdm import tqdm
 
-from configurator import UserError, check, configure, run_main
+from configurator import UserError, check, configure, first_line, run_main
 from prepare_shakespeare import write_atomic
 
 
@@ -22,7 +22,8 @@ def record_config(cfg, out_dir):
     """Write the run's effective settings to out_dir/config.json and print those that differ from
     the defaults, so that a run says what it is before its first checkpoint does."""
     settings = asdict(cfg)
-    changed = {f.name: settings[f.name] for f in fields(cfg) if settings[f.name] != f.default}
+    changed = {f.name: settings[f.name] for f in fields(cfg)
+               if settings[f.name] != f.default and f.name not in getattr(cfg, "not_settings", {})}
     print("config: " + (", ".join(f"{k}={v}" for k, v in changed.items()) or "the defaults"))
     path = os.path.join(out_dir, "config.json")
     try:
@@ -82,8 +83,7 @@ def start_wandb(cfg):
     try:
         return wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=asdict(cfg))
     except Exception as e:  # not logged in, no network, a bad project name ...
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"wandb could not start a run ({first}); run `wandb login`, or set WANDB_MODE=offline "
+        raise UserError(f"wandb could not start a run ({first_line(e)}); run `wandb login`, or set WANDB_MODE=offline "
                         f"to log locally") from None
 
 
@@ -93,7 +93,7 @@ class TrainingLog:
     learning rate, ms/iter, tokens/s and MFU (model FLOPs utilisation: the share of the device's
     measured matmul peak the model's arithmetic runs at). Only rank 0 (master) prints and writes."""
 
-    def __init__(self, cfg, progress, tokens_per_iter, flops_per_iter, peak_flops, master):
+    def __init__(self, cfg, progress, tokens_per_iter, flops_per_iter, peak_flops, master, wandb_run=None):
         self.cfg, self.tokens_per_iter, self.flops_per_iter, self.peak_flops = \
             cfg, tokens_per_iter, flops_per_iter, peak_flops
         self.master = master
@@ -101,7 +101,7 @@ class TrainingLog:
         resumed = cfg.init_from == "resume"
         self.metrics = MetricsLog(os.path.join(cfg.out_dir, "metrics.csv") if master else None,
                                   resume_from=progress.iter_num if resumed else None,
-                                  wandb_run=start_wandb(cfg) if master and cfg.wandb_log else None)
+                                  wandb_run=wandb_run)
         self.bar = tqdm(total=cfg.max_seconds if self.timed else cfg.max_iters,
                         initial=progress.train_seconds if self.timed else progress.iter_num,
                         unit="s" if self.timed else "it", disable=not master, dynamic_ncols=True,
@@ -123,7 +123,6 @@ class TrainingLog:
         self.metrics.write(iter=progress.iter_num, kind="eval", train_loss=f"{losses['train']:.6f}",
                            val_loss=f"{losses['val']:.6f}", tokens=progress.iter_num * self.tokens_per_iter,
                            elapsed_s=f"{progress.train_seconds:.3f}")
-        self.restart_clock()
 
     def step(self, step_seconds):
         self.window_iters += 1

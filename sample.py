@@ -12,12 +12,12 @@ from dataclasses import dataclass
 import torch
 
 from checkpoint import checkpoint_tokenizer, find_checkpoint, load_checkpoint, model_from_checkpoint, refuse_gpt2_weights
-from configurator import ConfigError, UserError, check, check_choice, check_device, configure, run_main
-from device import COMPILE_CHOICES, DTYPES, out_of_memory_in_one_line, select_device, select_dtype, use_compile
+from configurator import ConfigError, UserError, check, configure, run_main
+from device import DeviceSettings, out_of_memory_in_one_line, select_device, select_sampling_dtype, use_compile
 
 
 @dataclass
-class SampleConfig:
+class SampleConfig(DeviceSettings):  # device, dtype, compile: see device.py
     init_from: str = "resume"  # as nanoGPT's: sample out_dir's checkpoint (GPT-2 weights are not supported)
     out_dir: str | None = None  # None: the most recently written */ckpt.pt under the current folder
     start: str = "\n"  # the prompt, or FILE:path to read it from a file
@@ -26,10 +26,7 @@ class SampleConfig:
     temperature: float = 0.8  # 1.0 samples the model's distribution, < 1 is more conservative, 0 is greedy
     top_k: int | None = 200  # keep only the top_k most likely characters (None: all)
     seed: int = 1337
-    device: str = "auto"
-    dtype: str = "auto"
-    compile: bool | str = "auto"  # 'auto': on CUDA only
-    data_dir: str = "data"
+    data_dir: str = "data"  # where nanoGPT's checkpoints (which hold no vocabulary) find their meta.pkl
 
     def __post_init__(self):
         refuse_gpt2_weights(self.init_from)
@@ -39,9 +36,7 @@ class SampleConfig:
         check(self.max_new_tokens > 0, "max_new_tokens", self.max_new_tokens, "positive")
         check(self.temperature >= 0, "temperature", self.temperature, ">= 0 (0: always the most likely character)")
         check(self.top_k is None or self.top_k > 0, "top_k", self.top_k, "positive, or None for all characters")
-        check_choice("dtype", self.dtype, DTYPES)
-        check_choice("compile", self.compile, COMPILE_CHOICES)
-        check_device("device", self.device)
+        self.check_device_settings()
         if self.init_from != "resume":
             raise ConfigError(f"init_from must be 'resume' (sample the checkpoint in out_dir), got '{self.init_from}'")
 
@@ -76,11 +71,11 @@ def read_start(start):
 def sample(cfg, out=sys.stdout):
     """Print cfg.num_samples samples, separated by a line of dashes; one sample streams as it is made."""
     device = select_device(cfg.device)
-    dtype = select_dtype(cfg.dtype, device)
+    dtype = select_sampling_dtype(cfg.dtype, device, cfg.num_samples)
     torch.manual_seed(cfg.seed)
     model, tok = load_model_and_tokenizer(cfg, device)
-    # Sampling one sequence reads every weight per new token, so it is bound by memory bandwidth:
-    # weights stored in bfloat16 (rather than cast by autocast at every step) make it faster.
+    # Each new token reads every weight, so sampling is bound by reading them: weights stored in the
+    # sampling dtype (rather than cast by autocast at every step) make it faster.
     model.eval().to(device=device, dtype=getattr(torch, dtype))
     if use_compile(cfg.compile, device):
         model.forward = torch.compile(model.forward, dynamic=True)  # generate() calls forward

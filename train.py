@@ -14,7 +14,7 @@ import math
 import os
 import signal
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, fields, replace
 from typing import ClassVar
 
@@ -24,29 +24,43 @@ import torch
 from checkpoint import (CKPT_NAME, RESUME_NAME, CheckpointError, Progress, capture_rng, check_resume_settings,
                         load_checkpoint, model_from_checkpoint, refuse_gpt2_weights, restore_training_state,
                         resume_path, same_vocabulary, save_checkpoint, training_checkpoint)
-from configurator import ConfigError, UserError, check, check_choice, check_device, configure, run_main
-from device import (COMPILE_CHOICES, DTYPES, Processes, any_process, autocast_context, barrier,
-                    check_replicas_agree, describe_dtype, end_processes, from_rank0, gather_from_all,
-                    matmul_peak_flops, newton_schulz_dtype, out_of_memory_in_one_line, select_dtype,
-                    start_processes, use_compile)
-from metrics import TrainingLog, plot_metrics, record_config
+from configurator import ConfigError, UserError, check, check_choice, configure, run_main
+from device import (DeviceSettings, Processes, any_process, autocast_context, check_replicas_agree,
+                    describe_dtype, end_processes, from_rank0, gather_from_all, matmul_peak_flops,
+                    newton_schulz_dtype, on_rank0, out_of_memory_in_one_line, select_dtype, start_processes,
+                    use_compile)
+from metrics import TrainingLog, plot_metrics, record_config, start_wandb
 from model import GPTConfig, build_model
 from prepare_shakespeare import (DEFAULT_DATASET, CharTokenizer, check_dataset_name, prepare_dataset,
                                  remove_leftovers)
 
 
+def check_model_settings(settings):
+    """GPTConfig's own checks, as one-line ConfigErrors (model.py stands alone: it raises ValueError)."""
+    try:
+        GPTConfig.__post_init__(settings)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def model_config(settings, **changes):
+    """The GPTConfig part of settings (a TrainConfig, a BenchConfig), with changes."""
+    return GPTConfig(**{**{f.name: getattr(settings, f.name) for f in fields(GPTConfig)}, **changes})
+
+
 @dataclass
-class TrainConfig(GPTConfig):
-    """The model's settings (GPTConfig, in model.py: n_layer, n_embd, dropout, ...) and the recipe's."""
+class TrainConfig(GPTConfig, DeviceSettings):
+    """The recipe's settings, the model's (GPTConfig, in model.py: n_layer, n_embd, dropout, ...) and
+    where it runs (DeviceSettings, in device.py: device, dtype, compile)."""
     not_settings: ClassVar = {"vocab_size": "it is the dataset's number of characters (its meta.pkl)"}
     # I/O
     out_dir: str = "out"
     eval_interval: int = 250
     log_interval: int = 10
     eval_iters: int = 200
-    eval_only: bool = False  # evaluate the checkpoint in out_dir and exit
+    eval_only: bool = False  # evaluate out_dir/ckpt.pt (or init_from's checkpoint) and exit
     always_save_checkpoint: bool = False  # save at every eval, not only when val loss improves
-    init_from: str = "scratch"  # 'scratch', 'resume' (out_dir/ckpt.pt), or a checkpoint / out_dir to fine-tune
+    init_from: str = "scratch"  # 'scratch', 'resume' (out_dir's newer of ckpt.pt and resume.pt), or a checkpoint / out_dir to fine-tune
     sample_interval: int = 0  # > 0: print a short sample every sample_interval iterations, to watch it learn
     plot: bool = False  # draw out_dir/loss.png from out_dir/metrics.csv at the end (needs matplotlib)
     # Weights & Biases logging, as nanoGPT's (needs pip install wandb)
@@ -72,11 +86,8 @@ class TrainConfig(GPTConfig):
     lr_decay_iters: int = 5000
     min_lr: float = 1e-4
     max_seconds: float = 0.0  # > 0: stop after this much training time, the schedule laid over it
-    # system
+    # system (and device, dtype, compile: DeviceSettings, in device.py)
     backend: str = "auto"  # torch.distributed backend: 'auto' is nccl on CUDA, gloo elsewhere
-    device: str = "auto"  # 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'
-    dtype: str = "auto"  # 'auto', 'float32', 'bfloat16', 'float16'
-    compile: bool | str = "auto"  # torch.compile the model; 'auto': on CUDA only (see use_compile)
     seed: int = 1337
 
     def __post_init__(self):
@@ -100,23 +111,8 @@ class TrainConfig(GPTConfig):
         check(self.out_dir != "", "out_dir", self.out_dir, "a folder name")
         check_dataset_name("dataset", self.dataset)
         check_choice("optimizer", self.optimizer, ("adamw", "muon"))
-        check_choice("dtype", self.dtype, DTYPES)
         check_choice("backend", self.backend, ("auto", "nccl", "gloo"))
-        check_choice("compile", self.compile, COMPILE_CHOICES)
-        check_device("device", self.device)
-
-
-def check_model_settings(settings):
-    """GPTConfig's own checks, as one-line ConfigErrors (model.py stands alone: it raises ValueError)."""
-    try:
-        GPTConfig.__post_init__(settings)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-
-
-def model_config(settings, **changes):
-    """The GPTConfig part of settings (a TrainConfig, a BenchConfig), with changes."""
-    return GPTConfig(**{**{f.name: getattr(settings, f.name) for f in fields(GPTConfig)}, **changes})
+        self.check_device_settings()
 
 
 # Data: train.bin and val.bin hold token ids as uint16, read through a memory map
@@ -129,17 +125,28 @@ def dataset_dir(cfg):
     return os.path.join(cfg.data_dir, cfg.dataset)
 
 
-def load_dataset(cfg, procs=Processes()):
-    """The dataset's tokenizer; Tiny Shakespeare is prepared first if it is missing (by rank 0)."""
+def check_longer_than_a_block(path, block_size):
+    if token_count(path) <= block_size:
+        raise ConfigError(f"block_size={block_size} is not smaller than {path} ({token_count(path)} tokens); "
+                          f"use a smaller --block_size or a longer text")
+
+
+def ensure_prepared(cfg):
+    """Prepare Tiny Shakespeare if it is missing; other datasets are prepared by hand."""
     ddir = dataset_dir(cfg)
-    needed = [os.path.join(ddir, name) for name in ("train.bin", "val.bin", "meta.pkl")]
-    if procs.master and not all(os.path.exists(p) for p in needed):
-        if cfg.dataset != DEFAULT_DATASET:
-            raise UserError(f"dataset '{cfg.dataset}' is not prepared ({ddir} lacks train.bin, val.bin or meta.pkl); "
-                            f"run: python prepare_shakespeare.py --input YOUR_TEXT.txt --dataset {cfg.dataset}")
-        print(f"{ddir} is not prepared yet: preparing Tiny Shakespeare now")
-        prepare_dataset(cfg.dataset, data_dir=cfg.data_dir)
-    barrier(procs)  # the others wait until rank 0 has prepared it
+    if all(os.path.exists(os.path.join(ddir, name)) for name in ("train.bin", "val.bin", "meta.pkl")):
+        return
+    if cfg.dataset != DEFAULT_DATASET:
+        raise UserError(f"dataset '{cfg.dataset}' is not prepared ({ddir} lacks train.bin, val.bin or meta.pkl); "
+                        f"run: python prepare_shakespeare.py --input YOUR_TEXT.txt --dataset {cfg.dataset}")
+    print(f"{ddir} is not prepared yet: preparing Tiny Shakespeare now")
+    prepare_dataset(cfg.dataset, data_dir=cfg.data_dir)
+
+
+def load_dataset(cfg, procs=Processes(), device="cpu"):
+    """The dataset's tokenizer, once rank 0 has prepared the dataset if needed; its files are checked."""
+    on_rank0(lambda: ensure_prepared(cfg), procs, device)
+    ddir = dataset_dir(cfg)
     tok = CharTokenizer.load(os.path.join(ddir, "meta.pkl"))
     for split in ("train", "val"):
         path = os.path.join(ddir, f"{split}.bin")
@@ -147,9 +154,7 @@ def load_dataset(cfg, procs=Processes()):
         if size % 2 or (size and int(np.memmap(path, dtype=np.uint16, mode="r").max()) >= tok.vocab_size):
             raise UserError(f"{path} does not belong with {ddir}/meta.pkl (token ids beyond its {tok.vocab_size} "
                             f"characters, or a truncated file); prepare the dataset again with prepare_shakespeare.py")
-        if token_count(path) <= cfg.block_size:
-            raise ConfigError(f"block_size={cfg.block_size} is not smaller than the {split} split ({token_count(path)} "
-                              f"tokens); use a smaller --block_size or a longer text")
+        check_longer_than_a_block(path, cfg.block_size)
     return tok
 
 
@@ -174,10 +179,8 @@ class TrainBatches:
     def __init__(self, path, batch_size, block_size, micro_steps, rng, device, procs=Processes()):
         self.path, self.batch_size, self.block_size, self.micro_steps = path, batch_size, block_size, micro_steps
         self.rng, self.device, self.procs = rng, device, procs
+        check_longer_than_a_block(path, block_size)
         self.n_tokens = token_count(path)
-        if self.n_tokens <= block_size:
-            raise UserError(f"{path} has {self.n_tokens} tokens, not more than block_size={block_size}; "
-                            f"use a smaller --block_size or a longer text")
 
     def next_step(self):
         """This process's micro-batches (x, y) for the next step, read as they are needed."""
@@ -226,8 +229,9 @@ def checkpoint_to_load(cfg):
 
 
 def init_model(cfg, tok, device):
-    """(cfg, model, checkpoint): the model to train, cfg with the checkpoint's model settings where
-    there is one, and the checkpoint (None when training from scratch)."""
+    """Build the model from scratch or load it from a checkpoint. Returns (cfg, model, checkpoint):
+    cfg with the dataset's vocab_size and the checkpoint model's settings, and the checkpoint (None
+    from scratch), which still holds the optimizer and random state to resume."""
     cfg = replace(cfg, vocab_size=tok.vocab_size)
     path, hint = checkpoint_to_load(cfg)
     if path is None:
@@ -241,7 +245,12 @@ def init_model(cfg, tok, device):
         raise CheckpointError(f"{path} was trained with another vocabulary than dataset '{cfg.dataset}' has "
                               f"({model.config.vocab_size} vs {tok.vocab_size} characters); prepare the dataset "
                               f"with --vocab_from set to the checkpoint's dataset")
-    # the checkpoint's model wins over the config; fine-tuning may shorten the context and change dropout
+    return adopt_checkpoint_model(cfg, model, resuming), model, checkpoint
+
+
+def adopt_checkpoint_model(cfg, model, resuming):
+    """cfg with the checkpoint model's settings: its shape wins over the config's. Fine-tuning may
+    shorten the context (cropped here) and use another dropout (set here)."""
     shape = {k: getattr(model.config, k) for k in ("n_layer", "n_head", "n_embd", "bias", "model_type", "pos_encoding")}
     if resuming or cfg.eval_only:
         shape["block_size"] = model.config.block_size
@@ -254,7 +263,7 @@ def init_model(cfg, tok, device):
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = cfg.dropout
-    return replace(cfg, **shape), model, checkpoint
+    return replace(cfg, **shape)
 
 
 def prepare_model(model, compiled, device, procs):
@@ -272,27 +281,38 @@ def prepare_model(model, compiled, device, procs):
 
 # Evaluation
 
+@contextmanager
+def evaluating(model):
+    """Dropout off within this context; the model's mode is restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def estimate_loss(model, cfg, device, ctx, procs=Processes()):
     """Mean loss over eval_iters batches per split. The batches are the same at every call (a
     fixed seed), so evals along a run are comparable; under torchrun the processes share them out."""
-    model.eval()
-    out = {}
-    for i, split in enumerate(("train", "val")):
-        path = os.path.join(dataset_dir(cfg), f"{split}.bin")
-        rng = np.random.default_rng([cfg.seed, 1000 + i])
-        starts = rng.integers(0, token_count(path) - cfg.block_size, size=(cfg.eval_iters, cfg.batch_size))
-        losses = torch.zeros(cfg.eval_iters, device=device)
-        for k in range(procs.rank, cfg.eval_iters, procs.world_size):
-            x, y = read_windows(path, starts[k], cfg.block_size, device)
-            with ctx:
-                _, loss = model(x, y)
-            losses[k] = loss.float()
-        if procs.world_size > 1:
-            torch.distributed.all_reduce(losses)  # each batch's loss was filled in by one process
-        out[split] = losses.mean().item()
-    model.train()
-    return out
+    with evaluating(model):
+        return {split: split_loss(model, cfg, split, i, device, ctx, procs) for i, split in enumerate(("train", "val"))}
+
+
+def split_loss(model, cfg, split, seed_offset, device, ctx, procs):
+    path = os.path.join(dataset_dir(cfg), f"{split}.bin")
+    rng = np.random.default_rng([cfg.seed, 1000 + seed_offset])
+    starts = rng.integers(0, token_count(path) - cfg.block_size, size=(cfg.eval_iters, cfg.batch_size))
+    losses = torch.zeros(cfg.eval_iters, device=device)
+    for k in range(procs.rank, cfg.eval_iters, procs.world_size):
+        x, y = read_windows(path, starts[k], cfg.block_size, device)
+        with ctx:
+            _, loss = model(x, y)
+        losses[k] = loss.float()
+    if procs.world_size > 1:
+        torch.distributed.all_reduce(losses)  # each batch's loss was filled in by one process
+    return losses.mean().item()
 
 
 @torch.no_grad()
@@ -300,18 +320,16 @@ def evaluate_split(model, path, block_size, batch_size, device, ctx, procs=Proce
     """Mean loss over the whole token file, read as consecutive non-overlapping windows; under
     torchrun the processes take turns at the batches and add up their sums."""
     n_windows = (token_count(path) - 1) // block_size
-    was_training = model.training
-    model.eval()
     total = torch.zeros((), device=device)
-    for start in range(procs.rank * batch_size, n_windows, procs.world_size * batch_size):
-        starts = np.arange(start, min(start + batch_size, n_windows)) * block_size
-        x, y = read_windows(path, starts, block_size, device)
-        with ctx:
-            _, loss = model(x, y)
-        total += loss.float() * len(starts)
+    with evaluating(model):
+        for start in range(procs.rank * batch_size, n_windows, procs.world_size * batch_size):
+            starts = np.arange(start, min(start + batch_size, n_windows)) * block_size
+            x, y = read_windows(path, starts, block_size, device)
+            with ctx:
+                _, loss = model(x, y)
+            total += loss.float() * len(starts)
     if procs.world_size > 1:
         torch.distributed.all_reduce(total)
-    model.train(was_training)
     return total.item() / n_windows
 
 
@@ -320,19 +338,16 @@ def evaluate_only(model, cfg, device, ctx, procs):
     losses = estimate_loss(model, cfg, device, ctx, procs)
     if procs.master:
         print(f"eval: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-    end_processes(procs)
     return losses
 
 
 def show_sample(model, tok, ctx, device, seed, max_new_tokens=200):
     """A sample from a fixed seed, so that samples along a run differ only by what the model learnt.
     It has its own generator: the run's random state (and so its resumes) stays untouched."""
-    model.eval()
     generator = torch.Generator(device).manual_seed(seed)
-    with ctx:
+    with evaluating(model), ctx:
         ids = model.generate(torch.zeros((1, 1), dtype=torch.long, device=device), max_new_tokens,
                              temperature=0.8, top_k=200, generator=generator)
-    model.train()
     return tok.decode(ids[0, 1:].tolist())
 
 
@@ -423,24 +438,25 @@ def ensure_writable(out_dir):
         raise UserError(f"can't write to out_dir '{out_dir}': {e.strerror}; pick another --out_dir") from None
 
 
-def prepare_out_dir(cfg, procs):
+def prepare_out_dir(cfg):
     """out_dir exists and can be written; half-written checkpoints of runs killed with -9 are removed."""
-    if procs.master:
-        ensure_writable(cfg.out_dir)
-        for name in (CKPT_NAME, RESUME_NAME):
-            remove_leftovers(cfg.out_dir, name + ".")
-        record_config(cfg, cfg.out_dir)
+    ensure_writable(cfg.out_dir)
+    for name in (CKPT_NAME, RESUME_NAME):
+        remove_leftovers(cfg.out_dir, name + ".")
+    record_config(cfg, cfg.out_dir)
 
 
 def save_run(model, optimizer, scaler, progress, cfg, tok, data_rng, device, procs, path, val_loss=None):
     """Save the run to path. Every process calls this: each contributes its random state; rank 0 writes."""
     rng = gather_from_all(capture_rng(data_rng, device), procs)
-    if procs.master:
+
+    def write():
         save_checkpoint(training_checkpoint(model, optimizer, scaler, progress, cfg, tok.chars, rng, val_loss), path)
         stopped = os.path.join(cfg.out_dir, RESUME_NAME)
         if path != stopped and os.path.exists(stopped):
             os.remove(stopped)  # ckpt.pt is now the newer state
-    barrier(procs)  # no process leaves (or is killed by torchrun) while rank 0 saves
+
+    on_rank0(write, procs, device)  # no process leaves (or is killed by torchrun) before rank 0 has saved
 
 
 def report_start(model, cfg, tokens_per_iter, dtype, device, procs):
@@ -470,7 +486,7 @@ def train(cfg):
     micro_steps = micro_steps_per_process(cfg, procs)
     dtype = select_dtype(cfg.dtype, device)
     ctx = autocast_context(device, dtype)  # mixed precision: matmuls in dtype, weights in float32
-    tok = load_dataset(cfg, procs)
+    tok = load_dataset(cfg, procs, device)
     torch.manual_seed(cfg.seed + procs.rank)  # dropout differs per process
     data_rng = np.random.default_rng(cfg.seed)  # the same in every process: see TrainBatches
     cfg, model, checkpoint = init_model(cfg, tok, device)
@@ -478,7 +494,7 @@ def train(cfg):
     if cfg.eval_only:
         return evaluate_only(model, cfg, device, ctx, procs)
 
-    prepare_out_dir(cfg, procs)  # only now: a run refused above leaves nothing behind
+    on_rank0(lambda: prepare_out_dir(cfg), procs, device)  # only now: a run refused above leaves nothing behind
     device_type = torch.device(device).type
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type,
                                            optimizer=cfg.optimizer, muon_dtype=newton_schulz_dtype(device))
@@ -492,20 +508,25 @@ def train(cfg):
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
     batches = TrainBatches(os.path.join(dataset_dir(cfg), "train.bin"), cfg.batch_size, cfg.block_size,
                            micro_steps, data_rng, device, procs)
+    # save(path, val_loss=None) writes the run's state: weights, optimizer, progress, random state
     save = functools.partial(save_run, model, optimizer, scaler, progress, cfg, tok, data_rng, device, procs)
-    peak = matmul_peak_flops(device, dtype) if procs.master else 1.0  # MFU is measured against it
+    wandb_run = on_rank0(lambda: start_wandb(cfg) if cfg.wandb_log else None, procs, device)
     if procs.master:
         report_start(model, cfg, tokens_per_iter, dtype, device, procs)
-    timed = cfg.max_seconds > 0
-    clocked = timed or progress.schedule_seconds > 0  # each step's time decides when to stop, or the lr
+    # this process's FLOPs per iteration against its device's peak (measured in the run's dtype)
+    flops = model.flops_per_token() * tokens_per_iter / procs.world_size
+    peak = matmul_peak_flops(device, dtype) if procs.master else 1.0
+    timed = cfg.max_seconds > 0  # a time budget ends the run
+    clocked = timed or progress.schedule_seconds > 0  # the step times count: for the budget, or for the lr
     start_iter = progress.iter_num
 
-    with StopSignals() as stop, TrainingLog(cfg, progress, tokens_per_iter, model.flops_per_token() * tokens_per_iter,
-                                            peak, procs.master) as log:
+    with StopSignals() as stop, TrainingLog(cfg, progress, tokens_per_iter, flops, peak, procs.master,
+                                            wandb_run) as log:
         while True:
             # every process holds the same train_seconds (rank 0's clock), so they agree on the end
             done = progress.iter_num >= cfg.max_iters or (timed and progress.train_seconds >= cfg.max_seconds)
             if progress.iter_num % cfg.eval_interval == 0 or done:
+                # step_model: compiled and DDP-wrapped; model: the same weights, plain, for saving and sampling
                 losses = estimate_loss(step_model, cfg, device, ctx, procs)
                 log.eval(progress, losses)
                 improved = losses["val"] < progress.best_val_loss
@@ -529,9 +550,9 @@ def train(cfg):
             lr = lr_now(progress, cfg)
             loss = train_step(step_model, optimizer, scaler, batches.next_step(), micro_steps, ctx, cfg.grad_clip, lr)
             progress.iter_num += 1
-            logging = progress.iter_num % cfg.log_interval == 0
-            if logging or clocked:
-                loss.item()  # wait for the step: the only host-device sync (every step on a time budget)
+            log_step = progress.iter_num % cfg.log_interval == 0
+            if log_step or clocked:
+                loss.item()  # wait for the step (otherwise the device runs ahead of the loop)
             step_seconds = time.perf_counter() - t0
             if compiled and progress.iter_num == start_iter + 1:
                 log.write(f"compiled in {step_seconds:.1f} s (not counted as training time)")
@@ -540,7 +561,7 @@ def train(cfg):
             if clocked:
                 progress.train_seconds = from_rank0(progress.train_seconds, procs, device)  # one clock, one lr
             log.step(step_seconds)
-            if logging:
+            if log_step:
                 log.log(progress, mean_over_processes(loss, procs), lr)
 
     check_replicas_agree(model, procs, device)
@@ -548,15 +569,20 @@ def train(cfg):
                                         cfg.batch_size, device, ctx, procs)
     if procs.master:
         report_end(cfg, progress, losses["val_full"], start_iter)
-    end_processes(procs)
     return losses
 
 
 def main(argv):
     cfg = configure(TrainConfig, argv)
-    with out_of_memory_in_one_line(cfg.device, f"--batch_size ({cfg.batch_size}) or --block_size ({cfg.block_size}); "
-                                               f"--gradient_accumulation_steps keeps the batch with smaller pieces"):
-        train(cfg)
+    failed = True
+    try:
+        with out_of_memory_in_one_line(cfg.device, f"--batch_size ({cfg.batch_size}) or --block_size "
+                                                   f"({cfg.block_size}); --gradient_accumulation_steps keeps the "
+                                                   f"batch with smaller pieces"):
+            train(cfg)
+        failed = False
+    finally:
+        end_processes(failed)
 
 
 if __name__ == "__main__":

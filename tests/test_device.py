@@ -40,7 +40,7 @@ def test_dtype_choice_on_cuda_and_cpu(monkeypatch):
 
 
 def test_cpu_bf16_probe_is_quick_and_agrees_with_a_matmul_timing():
-    device.cpu_bf16_speedup.cache_clear()
+    device.matmul_peak_flops.cache_clear()
     torch.manual_seed(0)
     speedup = device.cpu_bf16_speedup()
     after_probe = torch.rand(3)

@@ -112,7 +112,7 @@ def test_eval_only_needs_a_checkpoint(tiny_cfg):
     (dict(n_embd=30, n_head=4), "not divisible by n_head"),
     (dict(init_from="gpt2"), "GPT-2 weights are not supported"),
     (dict(init_from="nothere"), "no checkpoint at nothere; init_from takes"),
-    (dict(block_size=5000), "not smaller than the val split"),
+    (dict(block_size=5000), "block_size=5000 is not smaller than .*val.bin"),
     (dict(dataset="nope"), "dataset 'nope' is not prepared"),
 ])
 def test_bad_settings_are_refused_before_training(tiny_cfg, override, message):
