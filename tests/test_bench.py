@@ -29,3 +29,16 @@ def test_bench_times_every_path_and_prints_one_table(capsys):
 def test_cpu_is_named():
     name = cpu_name()
     assert isinstance(name, str) and (name or not sys.platform.startswith("linux"))
+
+
+def test_bench_times_the_position_encoding_asked_for_and_refuses_model_type(capsys):
+    from configurator import ConfigError, configure
+    cfg = BenchConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=2, device="cpu", steps=1, rounds=1,
+                      sample_tokens=5, num_samples=2, pos_encoding="sinusoidal", recipe=False)
+    variants = bench(cfg)
+    assert [v.pos_encoding for v in variants] == ["sinusoidal", "learned"]  # nanoGPT's path: learned only
+    assert variants[0].model.config.pos_encoding == "sinusoidal"
+    out = capsys.readouterr().out
+    assert "sampling, as sample.py stores the weights: bfloat16 for one stream" in out
+    with pytest.raises(ConfigError, match="'--model_type' is not a setting here: the benchmark times the GPT"):
+        configure(BenchConfig, ["--model_type=bigram"])

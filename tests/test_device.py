@@ -76,3 +76,14 @@ def test_compile_follows_the_device_unless_set():
     assert use_compile(True, "cpu") and not use_compile(False, "cuda")
     assert configure(TrainConfig, [os.path.join(REPO, "config", "train_shakespeare_char.py")]).compile == "auto"
 
+
+
+def test_one_stream_samples_in_bfloat16_on_any_cpu(monkeypatch):
+    """sample.py's weights: bf16 for one stream on every CPU (matrix-vector products, bound by reading
+    the weights); for a batch, bf16 only where bf16 matmuls are native; what the user asks for wins."""
+    for speedup, batch_dtype in ((0.01, "float32"), (2.0, "bfloat16")):
+        monkeypatch.setattr(device, "cpu_bf16_speedup", lambda: speedup)
+        assert device.select_sampling_dtype("auto", "cpu", 1) == "bfloat16"
+        assert device.select_sampling_dtype("auto", "cpu", 10) == batch_dtype
+        assert device.select_sampling_dtype("float32", "cpu", 1) == "float32"
+    assert device.select_sampling_dtype("auto", "mps", 1) == "float32"

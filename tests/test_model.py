@@ -1,5 +1,6 @@
 import copy
 import math
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -282,3 +283,37 @@ def test_fused_adamw_covers_cuda_and_cpu():
 def test_flops_per_token_follows_the_6n_rule():
     model = GPT(GPTConfig(block_size=8, vocab_size=10, n_layer=2, n_head=2, n_embd=16))
     assert model.flops_per_token() == 6 * model.get_num_params() + 12 * 2 * 16 * 8
+
+
+def test_one_token_speed_path_is_taken_agrees_and_restores_onednn():
+    """One stream with bf16 weights on a CPU runs its single-token steps without oneDNN (the prompt
+    with it); the logits agree with oneDNN's, and oneDNN is on again afterwards, even after an error."""
+    from model import one_token_speed_path
+    model = tiny(block_size=32).eval().to(torch.bfloat16)
+    seen = []
+    real_forward = GPT.forward
+
+    def recording_forward(self, idx, targets=None, kv_cache=None):
+        seen.append((idx.size(1), torch.backends.mkldnn.enabled))
+        return real_forward(self, idx, targets, kv_cache)
+
+    GPT.forward = recording_forward
+    try:
+        model.generate(torch.zeros((1, 3), dtype=torch.long), 20)
+    finally:
+        GPT.forward = real_forward
+    assert seen[0] == (3, True) and seen[1:] == [(1, False)] * 19
+    assert torch.backends.mkldnn.enabled
+    idx = torch.randint(0, 11, (1, 8), generator=torch.Generator().manual_seed(0))
+    logits = []
+    for speed_path in (True, False):
+        cache = KVCache(model.config)
+        with torch.inference_mode():
+            model(idx[:, :-1], kv_cache=cache)
+            with one_token_speed_path(idx, torch.bfloat16) if speed_path else nullcontext():
+                logits.append(model(idx[:, -1:], kv_cache=cache)[0].float())
+    assert torch.allclose(logits[0], logits[1], atol=2e-2)
+    with pytest.raises(RuntimeError):
+        with one_token_speed_path(idx, torch.bfloat16):
+            raise RuntimeError
+    assert torch.backends.mkldnn.enabled

@@ -199,3 +199,17 @@ def test_torchrun_sigterm_everywhere_saves_and_resumes_on_fewer_processes(tiny_c
                         "--max_seconds=0", f"--max_iters={stopped['iter_num'] + 5}"],
                        capture_output=True, text=True, timeout=300, cwd=REPO)
     assert r.returncode == 0, r.stderr
+
+
+def test_torchrun_error_on_rank0_stops_every_process(tiny_cfg):
+    """Rank 0 alone writes checkpoints: when its save fails (here ckpt.pt is a folder), the other
+    process stops with a line of its own, instead of waiting for rank 0 at the next collective (a
+    hang under NCCL) or dying there with a traceback (gloo: "connection closed by peer")."""
+    os.makedirs(os.path.join(tiny_cfg.out_dir, "ckpt.pt"))
+    cfg = dataclasses.replace(tiny_cfg, max_iters=20, eval_interval=10, gradient_accumulation_steps=2)
+    proc = torchrun(cfg)
+    t0 = time.perf_counter()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and time.perf_counter() - t0 < 60
+    assert "error: could not write" in err and "the previous checkpoint is untouched" in err, err
+    assert "error: stopped because rank 0 failed" in err, err  # the other process's own line
