@@ -28,7 +28,7 @@ import torch
 from configurator import check, configure, run_main
 from device import (DeviceSettings, autocast_context, describe_dtype, matmul_peak_flops, newton_schulz_dtype,
                     select_device, select_dtype, select_sampling_dtype, synchronize, use_compile)
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, torch_optimizers
 from train import TrainBatches, check_model_settings, model_config, train_step
 
 
@@ -105,7 +105,7 @@ class Variant:
         self.model = GPT(model_config(cfg, pos_encoding=pos_encoding)).to(device)
         self.optimizer = self.model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), self.device_type, fused=fused,
                                                          optimizer=optimizer, muon_dtype=newton_schulz_dtype(device))
-        adamw = self.optimizer.optimizers["adamw"] if optimizer == "muon" else self.optimizer
+        adamw = torch_optimizers(self.optimizer)[-1]
         self.optimizer_name = ("Muon+" if optimizer == "muon" else "") + \
             ("fused AdamW" if adamw.defaults.get("fused") else "AdamW")
         self.step_model = torch.compile(self.model) if use_compile(cfg.compile, device) else self.model
@@ -117,8 +117,8 @@ class Variant:
 
     def resident_mb(self):
         """Memory this variant holds between steps: weights and optimizer state."""
-        optimizers = getattr(self.optimizer, "optimizers", {"": self.optimizer}).values()
-        state = [t for o in optimizers for s in o.state.values() for t in s.values() if torch.is_tensor(t)]
+        state = [t for o in torch_optimizers(self.optimizer) for s in o.state.values() for t in s.values()
+                 if torch.is_tensor(t)]
         return tensor_mb(list(self.model.parameters()) + state)
 
     def time_steps(self, steps):

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 
 from configurator import ConfigError, UserError
-from model import GPTConfig, build_model
+from model import GPTConfig, build_model, torch_optimizers
 from prepare_shakespeare import CharTokenizer, write_atomic
 
 CKPT_NAME, RESUME_NAME = "ckpt.pt", "resume.pt"  # in out_dir: the best model; a stopped run's newer state
@@ -44,6 +44,7 @@ def save_checkpoint(checkpoint, path):
 
 
 def load_checkpoint(path, device="cpu", hint=""):
+    """The checkpoint at path (ours or nanoGPT's), its tensors on device; hint ends the error if it is missing."""
     if not os.path.exists(path):
         raise CheckpointError(f"no checkpoint at {path}{hint}")
     try:
@@ -160,6 +161,7 @@ RESUME_FIXED = ("dataset", "batch_size", "block_size", "gradient_accumulation_st
 
 
 def check_resume_settings(cfg, saved, path):
+    """cfg may resume the run whose config was `saved` only if it keeps RESUME_FIXED as they were."""
     for key in RESUME_FIXED:
         if key in saved and saved[key] != getattr(cfg, key):
             value = saved[key]
@@ -185,32 +187,6 @@ def training_checkpoint(model, optimizer, scaler, progress, cfg, vocab, rng, val
         "rng": rng,  # one entry per process: each has its own dropout stream
         "param_order": "nanogpt",  # optimizer state in nanoGPT's parameter order (older ones: wpe last)
     }
-
-
-def restore_training_state(checkpoint, model, optimizer, scaler, data_rng, device, rank=0):
-    """Load the optimizer, scaler and random state a checkpoint holds; return its Progress."""
-    state = checkpoint.get("optimizer")
-    if not state:
-        raise CheckpointError("the checkpoint holds weights only, no optimizer state, so it can't be resumed; "
-                              "fine-tune from it instead: --init_from=PATH_TO_ITS_OUT_DIR")
-    if "vocab" in checkpoint and checkpoint.get("param_order") != "nanogpt":
-        state = legacy_param_order(state, optimizer, model)
-    try:
-        optimizer.load_state_dict(state)
-    except (ValueError, KeyError) as e:
-        raise CheckpointError(f"the checkpoint's optimizer state does not fit the model ({e})") from None
-    check_optimizer_state(optimizer)
-    restore_rng(checkpoint.get("rng"), data_rng, device, rank)
-    if scaler.is_enabled() and checkpoint.get("scaler"):  # empty when the run that saved it had no scaler
-        scaler.load_state_dict(checkpoint["scaler"])
-    schedule = checkpoint.get("schedule_seconds", checkpoint.get("config", {}).get("max_seconds", 0.0))
-    return Progress(checkpoint["iter_num"], float(checkpoint["best_val_loss"]), checkpoint.get("train_seconds", 0.0),
-                    schedule)
-
-
-def torch_optimizers(optimizer):
-    """The torch optimizers inside optimizer (one, or Muon's and AdamW's)."""
-    return list(optimizer.optimizers.values()) if hasattr(optimizer, "optimizers") else [optimizer]
 
 
 def legacy_param_order(state, optimizer, model):
@@ -274,3 +250,23 @@ def restore_rng(saved, data_rng, device, rank=0):
     if device.type == "mps" and "mps" in state:
         torch.mps.set_rng_state(state["mps"].cpu())
 
+
+def restore_training_state(checkpoint, model, optimizer, scaler, data_rng, device, rank=0):
+    """Load the optimizer, scaler and random state a checkpoint holds; return its Progress."""
+    state = checkpoint.get("optimizer")
+    if not state:
+        raise CheckpointError("the checkpoint holds weights only, no optimizer state, so it can't be resumed; "
+                              "fine-tune from it instead: --init_from=PATH_TO_ITS_OUT_DIR")
+    if "vocab" in checkpoint and checkpoint.get("param_order") != "nanogpt":
+        state = legacy_param_order(state, optimizer, model)
+    try:
+        optimizer.load_state_dict(state)
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"the checkpoint's optimizer state does not fit the model ({e})") from None
+    check_optimizer_state(optimizer)
+    restore_rng(checkpoint.get("rng"), data_rng, device, rank)
+    if scaler.is_enabled() and checkpoint.get("scaler"):  # empty when the run that saved it had no scaler
+        scaler.load_state_dict(checkpoint["scaler"])
+    schedule = checkpoint.get("schedule_seconds", checkpoint.get("config", {}).get("max_seconds", 0.0))
+    return Progress(checkpoint["iter_num"], float(checkpoint["best_val_loss"]), checkpoint.get("train_seconds", 0.0),
+                    schedule)

@@ -464,6 +464,11 @@ class Optimizers:
             opt.load_state_dict(state[name])
 
 
+def torch_optimizers(optimizer):
+    """The torch optimizers in what configure_optimizers returned: AdamW alone, or Muon's and AdamW's."""
+    return list(optimizer.optimizers.values()) if isinstance(optimizer, Optimizers) else [optimizer]
+
+
 def fused_adamw_devices():
     """Device types with a fused AdamW kernel in this PyTorch (CPU since 2.4, CUDA, MPS ...)."""
     if "fused" not in inspect.signature(torch.optim.AdamW).parameters:

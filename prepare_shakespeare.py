@@ -6,7 +6,8 @@ Prepare a character-level dataset: Tiny Shakespeare by default, or any UTF-8 tex
 
 writes data/<dataset>/{input.txt, train.bin, val.bin, meta.pkl}: the first 90% of the characters
 are train, the rest val, as uint16 token ids; meta.pkl holds vocab_size, stoi and itos as nanoGPT's.
-This file is also the home of the character tokenizer used by train.py and sample.py.
+This file is also the home of the character tokenizer (CharTokenizer) and of writing files safely
+(write_atomic, remove_leftovers), which checkpoint.py and metrics.py use too.
 """
 
 import argparse
