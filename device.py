@@ -63,6 +63,26 @@ def synchronize(device):
 
 # Precision
 
+@functools.lru_cache(maxsize=None)
+def matmul_peak_flops(device, dtype, n=None, repeats=3):
+    """FLOP/s of an n x n matmul in dtype on this device (the best of `repeats`): the peak that MFU,
+    the model's share of it, is measured against. n=None: 4096 on CUDA (smaller ones leave a GPU
+    idle), 1024 elsewhere (about 50 ms on a laptop CPU)."""
+    if n is None:
+        n = 4096 if torch.device(device).type == "cuda" else 1024
+    gen = torch.Generator().manual_seed(0)  # its own: the global generator must not move
+    a, b = (torch.randn(n, n, generator=gen).to(device, getattr(torch, dtype)) for _ in range(2))
+    a @ b  # the first call may set up kernels
+    best = float("inf")
+    for _ in range(repeats):
+        synchronize(device)
+        t0 = time.perf_counter()
+        a @ b
+        synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
 def cpu_bf16_speedup():
     """How many times faster a 256 x 256 bfloat16 matmul runs than a float32 one on this CPU. CPUs
     with native bf16 (AVX512-BF16, AMX, ARM's BF16) give 1.5-4x; elsewhere bf16 is emulated and
@@ -128,26 +148,6 @@ def autocast_context(device, dtype):
     return torch.autocast(device_type=torch.device(device).type, dtype=getattr(torch, dtype))
 
 
-@functools.lru_cache(maxsize=None)
-def matmul_peak_flops(device, dtype, n=None, repeats=3):
-    """FLOP/s of an n x n matmul in dtype on this device (the best of `repeats`): the peak that MFU,
-    the model's share of it, is measured against. n=None: 4096 on CUDA (smaller ones leave a GPU
-    idle), 1024 elsewhere (about 50 ms on a laptop CPU)."""
-    if n is None:
-        n = 4096 if torch.device(device).type == "cuda" else 1024
-    gen = torch.Generator().manual_seed(0)  # its own: the global generator must not move
-    a, b = (torch.randn(n, n, generator=gen).to(device, getattr(torch, dtype)) for _ in range(2))
-    a @ b  # the first call may set up kernels
-    best = float("inf")
-    for _ in range(repeats):
-        synchronize(device)
-        t0 = time.perf_counter()
-        a @ b
-        synchronize(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best
-
-
 def use_compile(setting, device):
     """compile='auto' compiles on CUDA only. On CPU (and MPS) it made the step slower, measured: 452 vs
     334 ms for the GPU recipe's model on CPU, after a 30 s compile."""
@@ -211,21 +211,6 @@ def end_processes(failed=False):
         torch.distributed.destroy_process_group()
 
 
-def on_rank0(action, procs, device):
-    """Run action() on rank 0 only, and return what it returns there (None elsewhere). If it fails
-    with a UserError, every process stops with an error: the others would otherwise wait forever
-    for rank 0 at the next collective."""
-    error, result = None, None
-    if procs.master:
-        try:
-            result = action()
-        except UserError as e:
-            error = e
-    if any_process(error is not None, procs, device):
-        raise error or UserError("stopped because rank 0 failed (its error is above)")
-    return result
-
-
 # The functions below are collective: every process must call them, at the same point.
 
 def barrier(procs):
@@ -269,3 +254,18 @@ def check_replicas_agree(model, procs, device):
     torch.distributed.all_reduce(spread, op=torch.distributed.ReduceOp.MAX)  # max and -min
     if spread.sum().item() != 0.0:
         raise RuntimeError("the processes ended with different weights: their replicas drifted apart")
+
+
+def on_rank0(action, procs, device):
+    """Run action() on rank 0 only, and return what it returns there (None elsewhere). If it fails
+    with a UserError, every process stops with an error: the others would otherwise wait forever
+    for rank 0 at the next collective."""
+    error, result = None, None
+    if procs.master:
+        try:
+            result = action()
+        except UserError as e:
+            error = e
+    if any_process(error is not None, procs, device):
+        raise error or UserError("stopped because rank 0 failed (its error is above)")
+    return result
