@@ -10,6 +10,7 @@ helpers above it do one thing each; device.py, checkpoint.py and metrics.py hold
 """
 
 import functools
+import inspect
 import math
 import os
 import signal
@@ -271,11 +272,14 @@ def prepare_model(model, compiled, device, procs):
     if compiled:
         model = torch.compile(model)
     if procs.world_size > 1:
-        # no buffers to broadcast: rope and sinusoid tables are the same everywhere, and a broadcast in
-        # forward would hang an eval where some process has no batch to run
+        # No buffers to sync in forward: rope and sinusoid tables are the same everywhere, and a sync in
+        # forward would hang an eval where some process has no batch to run. (PyTorch 2.13 renamed the
+        # setting: broadcast_buffers, which it now warns about, became forward_sync_buffers.)
+        ddp = torch.nn.parallel.DistributedDataParallel
+        no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters \
+            else "broadcast_buffers"
         on_cuda = torch.device(device).type == "cuda"
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[procs.local_rank] if on_cuda else None,
-                                                          broadcast_buffers=False)
+        model = ddp(model, device_ids=[procs.local_rank] if on_cuda else None, **{no_sync: False})
     return model
 
 
