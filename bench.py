@@ -134,13 +134,13 @@ class Variant:
         """The model as sample.py holds it for batch_size samples: weights stored in its sampling
         dtype (nanoGPT's sample.py: float32 on a CPU)."""
         dtype = select_sampling_dtype(self.requested_dtype, self.device, batch_size) if self.use_cache else "float32"
-        return copy.deepcopy(self.model).eval().to(dtype=getattr(torch, dtype)), dtype
+        return copy.deepcopy(self.model).eval().to(dtype=getattr(torch, dtype))
 
     def time_sampling(self, new_tokens, num_samples):
         """Characters per second of one stream, and seconds for num_samples samples: one batch here,
         one sample after another on nanoGPT's path (as its sample.py does)."""
         idx = torch.zeros((1, 1), dtype=torch.long, device=self.device)
-        model, self.sampling_dtypes = self.sampling_model(1)
+        model = self.sampling_model(1)
         synchronize(self.device)
         t0 = time.perf_counter()
         model.generate(idx, new_tokens, temperature=0.8, top_k=200, use_cache=self.use_cache)
@@ -150,8 +150,7 @@ class Variant:
         if not self.use_cache:  # nanoGPT's loop: every sample costs what one does
             self.batch_times.append(num_samples * one)
             return
-        model, dtype = self.sampling_model(num_samples)
-        self.sampling_dtypes += f" / {dtype}"
+        model = self.sampling_model(num_samples)
         t0 = time.perf_counter()
         model.generate(idx.expand(num_samples, -1), new_tokens, temperature=0.8, top_k=200)
         synchronize(self.device)
@@ -192,7 +191,7 @@ def bench(cfg):
 
 def report(cfg, device, dtype, peaks, variants):
     tokens_per_iter = cfg.batch_size * cfg.block_size
-    one, batch = variants[0].sampling_dtypes.split(" / ")
+    one, batch = (select_sampling_dtype(cfg.dtype, device, n) for n in (1, cfg.num_samples))
     print(f"device: {describe_device(device)} | torch {torch.__version__}")
     print(f"dtype: {describe_dtype(cfg.dtype, dtype, device)}; sampling, as sample.py stores the weights: "
           f"{one} for one stream, {batch} for {cfg.num_samples} samples")

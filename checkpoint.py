@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
-from configurator import ConfigError, UserError
+from configurator import ConfigError, UserError, first_line
 from model import GPTConfig, build_model, torch_optimizers
 from prepare_shakespeare import CharTokenizer, write_atomic
 
@@ -82,7 +82,7 @@ def model_from_checkpoint(checkpoint):
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
-        raise CheckpointError(f"checkpoint weights do not fit its model_args: {str(e).splitlines()[0]}") from e
+        raise CheckpointError(f"checkpoint weights do not fit its model_args: {first_line(e)}") from e
     return model
 
 

@@ -162,10 +162,10 @@ def plot_metrics(out_dir):
     except OSError as e:
         raise UserError(f"no loss curves to draw: can't read {os.path.join(out_dir, 'metrics.csv')} "
                         f"({e.strerror}); train a run into that out_dir first") from None
-    logs = [r for r in rows if r["kind"] == "log"]
-    evals = [r for r in rows if r["kind"] == "eval"]
     if not rows:
         raise UserError(f"{os.path.join(out_dir, 'metrics.csv')} holds no rows yet: nothing to draw")
+    logs = [r for r in rows if r["kind"] == "log"]
+    evals = [r for r in rows if r["kind"] == "eval"]
     fig, ax = plt.subplots(figsize=(8, 5))
     ax.plot([int(r["iter"]) for r in logs], [float(r["loss"]) for r in logs], lw=0.8, alpha=0.5, label="batch loss")
     for split in ("train", "val"):

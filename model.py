@@ -283,8 +283,9 @@ class GPT(nn.Module):
         if fused is None:
             fused = device_type in fused_adamw_devices()
         params = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
-        hidden = [p for n, p in params if optimizer == "muon" and p.dim() == 2 and n.startswith("transformer.h.")]
-        rest = [p for n, p in params if not any(p is h for h in hidden)]
+        in_blocks = {n for n, p in params if optimizer == "muon" and p.dim() == 2 and n.startswith("transformer.h.")}
+        hidden = [p for n, p in params if n in in_blocks]
+        rest = [p for n, p in params if n not in in_blocks]
         adamw = torch.optim.AdamW([
             {"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
