@@ -115,13 +115,6 @@ def check_choice(key, value, allowed):
     check(ok, key, value, "one of " + ", ".join(repr(a) for a in allowed))
 
 
-def check_device(key, value):
-    """auto, cpu, mps, cuda or cuda:N; whether this machine has it is checked when it is used."""
-    kind, sep, index = value.partition(":")
-    ok = value == "auto" or (kind in ("cpu", "cuda", "mps") and not sep) or (kind == "cuda" and index.isdigit())
-    check(ok, key, value, "auto, cpu, cuda, cuda:N or mps")
-
-
 def first_line(error, empty=None):
     """An exception's message cut to its first line, for one-line errors (its type's name if it has none)."""
     text = str(error).strip()

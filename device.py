@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from configurator import ConfigError, UserError, check_choice, check_device, first_line
+from configurator import ConfigError, UserError, check, check_choice, first_line
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 COMPILE_CHOICES = (True, False, "auto")
@@ -31,6 +31,13 @@ class DeviceSettings:
 
 
 # Device
+
+def check_device(key, value):
+    """auto, cpu, mps, cuda or cuda:N; whether this machine has it is checked when it is used."""
+    kind, sep, index = value.partition(":")
+    ok = value == "auto" or (kind in ("cpu", "cuda", "mps") and not sep) or (kind == "cuda" and index.isdigit())
+    check(ok, key, value, "auto, cpu, cuda, cuda:N or mps")
+
 
 def select_device(device="auto"):
     """'auto' is CUDA if there is a GPU, else Apple's MPS, else the CPU. On CUDA, float32 matmuls may
