@@ -28,7 +28,7 @@ import torch
 from configurator import check, configure, run_main
 from device import (DeviceSettings, autocast_context, describe_dtype, matmul_peak_flops, newton_schulz_dtype,
                     select_device, select_dtype, select_sampling_dtype, synchronize, use_compile)
-from model import GPT, GPTConfig, torch_optimizers
+from model import GPT, GPTConfig, pack_linears, torch_optimizers
 from train import TrainBatches, check_model_settings, model_config, train_step
 
 
@@ -132,9 +132,11 @@ class Variant:
 
     def sampling_model(self, batch_size):
         """The model as sample.py holds it for batch_size samples: weights stored in its sampling
-        dtype (nanoGPT's sample.py: float32 on a CPU)."""
-        dtype = select_sampling_dtype(self.requested_dtype, self.device, batch_size) if self.use_cache else "float32"
-        return copy.deepcopy(self.model).eval().to(dtype=getattr(torch, dtype))
+        dtype, and packed for several samples (nanoGPT's sample.py: float32 on a CPU, as it is)."""
+        if not self.use_cache:  # nanoGPT's path
+            return copy.deepcopy(self.model).eval()
+        dtype = select_sampling_dtype(self.requested_dtype, self.device, batch_size)
+        return pack_linears(copy.deepcopy(self.model).eval().to(dtype=getattr(torch, dtype)), batch_size)
 
     def time_sampling(self, new_tokens, num_samples):
         """Characters per second of one stream, and seconds for num_samples samples: one batch here,

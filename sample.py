@@ -14,6 +14,7 @@ import torch
 from checkpoint import checkpoint_tokenizer, find_checkpoint, load_checkpoint, model_from_checkpoint, refuse_gpt2_weights
 from configurator import ConfigError, UserError, check, configure, run_main
 from device import DeviceSettings, out_of_memory_in_one_line, select_device, select_sampling_dtype, use_compile
+from model import pack_linears
 
 
 @dataclass
@@ -79,6 +80,8 @@ def sample(cfg, out=sys.stdout):
     model.eval().to(device=device, dtype=getattr(torch, dtype))
     if use_compile(cfg.compile, device):
         model.forward = torch.compile(model.forward, dynamic=True)  # generate() calls forward
+    else:
+        pack_linears(model, cfg.num_samples)  # several samples on a CPU: weights laid out once, for speed
     prompt = read_start(cfg.start)
     idx = torch.tensor([tok.encode(prompt)], dtype=torch.long, device=device)
     if cfg.num_samples == 1:  # stream it, character by character

@@ -1,5 +1,6 @@
 import copy
 import math
+import platform
 from contextlib import nullcontext
 
 import pytest
@@ -119,6 +120,20 @@ def test_kv_cache_logits_match_full_forward():
     for t in range(5, 16):
         step_logits.append(model(idx[:, t:t + 1], kv_cache=cache)[0][:, -1])
     torch.testing.assert_close(torch.stack(step_logits, 1), full[:, 4:], rtol=1e-5, atol=1e-5)
+
+
+def test_with_bf16_weights_on_a_cpu_the_cache_and_its_attention_are_float32():
+    model = tiny().eval()
+    idx = torch.randint(0, 11, (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        full = model(idx, idx)[0]
+        model.to(torch.bfloat16)
+        cache = KVCache(model.config)
+        step_logits = [model(idx[:, :5], kv_cache=cache)[0][:, -1]]
+        for t in range(5, 16):
+            step_logits.append(model(idx[:, t:t + 1], kv_cache=cache)[0][:, -1])
+    assert cache.k.dtype == cache.v.dtype == torch.float32 and step_logits[-1].dtype == torch.bfloat16
+    torch.testing.assert_close(torch.stack(step_logits, 1).float(), full[:, 4:], rtol=0, atol=0.05)
 
 
 def test_generation_continues_past_block_size():
@@ -317,3 +332,47 @@ def test_one_token_speed_path_is_taken_agrees_and_restores_onednn():
         with one_token_speed_path(idx, torch.bfloat16):
             raise RuntimeError
     assert torch.backends.mkldnn.enabled
+
+
+can_pack = platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
+
+
+@pytest.mark.skipif(not can_pack, reason="weights are packed on x86 CPUs with oneDNN only")
+def test_packed_linears_give_the_plain_models_logits_and_text():
+    from model import PackedLinear, pack_linears
+    plain = tiny(block_size=32).eval()
+    packed = pack_linears(copy.deepcopy(plain), 4)
+    n_linear = sum(isinstance(m, torch.nn.Linear) for m in plain.modules())
+    assert n_linear == 9 and sum(isinstance(m, PackedLinear) for m in packed.modules()) == n_linear
+    assert not any(isinstance(m, torch.nn.Linear) for m in packed.modules())
+    idx = torch.randint(0, 11, (4, 7), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        torch.testing.assert_close(packed(idx)[0], plain(idx)[0], rtol=1e-4, atol=1e-5)
+    # the prompt (4 x 7 rows), then one row per sequence per step, past a cache refill
+    greedy = [m.generate(idx, 40, temperature=0.0) for m in (plain, packed)]
+    assert torch.equal(greedy[0], greedy[1])
+
+
+def test_pack_linears_leaves_the_model_as_it_is_where_it_does_not_pay_or_cannot(monkeypatch):
+    from model import pack_linears
+    model = tiny()
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+
+    def unchanged():
+        return [m for m in model.modules() if isinstance(m, torch.nn.Linear)] == linears
+
+    assert pack_linears(model, 1) is model and unchanged()  # one stream: matrix-vector kernels are faster
+    with monkeypatch.context() as m:
+        m.setattr(platform, "machine", lambda: "arm64")  # not measured there
+        assert pack_linears(model, 4) is model and unchanged()
+
+    refused = []
+
+    def refuse(weight, batch_size=None):
+        refused.append(weight.shape)
+        raise RuntimeError("mkldnn_reorder_linear_weight: bf16 path needs the cpu support avx_ne_convert or avx512bw")
+
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: True)
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", refuse)
+    assert pack_linears(model, 4) is model and unchanged() and refused  # tried, refused, left as it was

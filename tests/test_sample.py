@@ -1,6 +1,7 @@
 import dataclasses
 import io
 import os
+import platform
 import shutil
 
 import pytest
@@ -8,6 +9,8 @@ import torch
 
 from configurator import UserError
 from helpers import run_script
+import sample as sample_module
+from model import PackedLinear, pack_linears
 from sample import SampleConfig, sample
 from train import load_checkpoint, save_checkpoint, train
 
@@ -43,12 +46,23 @@ def test_seed_makes_samples_repeatable_and_streaming_matches(trained):
     assert all(s.startswith("All:") and len(s) == 4 + 40 + 1 for s in outs[0][:1] + outs[2][:3])
 
 
-def test_a_batch_of_samples_is_what_the_model_makes_one_by_one(trained):
-    """Each row of a batch is a valid sample: greedy decoding gives every row the single-stream text."""
+def test_a_batch_of_samples_is_what_the_model_makes_one_by_one(trained, monkeypatch):
+    """Each row of a batch is a valid sample: greedy decoding gives every row the single-stream text,
+    also where the batch runs on packed weights (x86 CPUs) and the single stream does not."""
+    packed = []
+
+    def recording_pack_linears(model, batch_size):
+        model = pack_linears(model, batch_size)
+        packed.append(sum(isinstance(m, PackedLinear) for m in model.modules()))
+        return model
+
+    monkeypatch.setattr(sample_module, "pack_linears", recording_pack_linears)
     one, many = io.StringIO(), io.StringIO()
     sample(sample_cfg(trained, start="ROMEO:", num_samples=1, max_new_tokens=40, temperature=0.0), out=one)
     sample(sample_cfg(trained, start="ROMEO:", num_samples=4, max_new_tokens=40, temperature=0.0), out=many)
     assert many.getvalue() == one.getvalue() * 4
+    on_x86 = platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
+    assert packed == [0, 4 * trained.n_layer + 1 if on_x86 else 0]  # 4 per block and the head
 
 
 def test_greedy_and_start_from_file(trained, tmp_path):
