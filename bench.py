@@ -28,7 +28,7 @@ import torch
 from configurator import check, configure, run_main
 from device import (DeviceSettings, autocast_context, describe_dtype, matmul_peak_flops, newton_schulz_dtype,
                     select_device, select_dtype, select_sampling_dtype, synchronize, use_compile)
-from model import GPT, GPTConfig, pack_linears, torch_optimizers
+from model import GPT, GPTConfig, PackedLinear, pack_linears, torch_optimizers
 from train import TrainBatches, check_model_settings, model_config, train_step
 
 
@@ -114,6 +114,7 @@ class Variant:
         self.batches = TrainBatches(data_path, cfg.batch_size, cfg.block_size, 1, np.random.default_rng(cfg.seed), device)
         self.step_times, self.sample_rates, self.batch_times = [], [], []
         self.peak_mb = 0.0
+        self.packed = False  # whether sampling ran on packed weights (pack_linears)
 
     def resident_mb(self):
         """Memory this variant holds between steps: weights and optimizer state."""
@@ -136,7 +137,9 @@ class Variant:
         if not self.use_cache:  # nanoGPT's path
             return copy.deepcopy(self.model).eval()
         dtype = select_sampling_dtype(self.requested_dtype, self.device, batch_size)
-        return pack_linears(copy.deepcopy(self.model).eval().to(dtype=getattr(torch, dtype)), batch_size)
+        model = pack_linears(copy.deepcopy(self.model).eval().to(dtype=getattr(torch, dtype)), batch_size)
+        self.packed = self.packed or any(isinstance(m, PackedLinear) for m in model.modules())
+        return model
 
     def time_sampling(self, new_tokens, num_samples):
         """Characters per second of one stream, and seconds for num_samples samples: one batch here,
@@ -196,7 +199,8 @@ def report(cfg, device, dtype, peaks, variants):
     one, batch = (select_sampling_dtype(cfg.dtype, device, n) for n in (1, cfg.num_samples))
     print(f"device: {describe_device(device)} | torch {torch.__version__}")
     print(f"dtype: {describe_dtype(cfg.dtype, dtype, device)}; sampling, as sample.py stores the weights: "
-          f"{one} for one stream, {batch} for {cfg.num_samples} samples")
+          f"{one} for one stream, {batch} for {cfg.num_samples} samples" +
+          (" (weights packed)" if variants[0].packed else ""))
     print(f"model: {cfg.n_layer} layers, {cfg.n_head} heads, {cfg.n_embd} wide, block {cfg.block_size}, "
           f"batch {cfg.batch_size}, {variants[0].model.get_num_params() / 1e6:.2f}M parameters")
     print("matmul peak (MFU is against it): " + ", ".join(f"{dt} {f / 1e9:,.0f} GFLOP/s" for dt, f in sorted(peaks.items())))
