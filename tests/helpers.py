@@ -1,10 +1,16 @@
 """What several test files share besides fixtures (those are in conftest.py)."""
 
 import os
+import platform
 import subprocess
 import sys
 
+import torch
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# where pack_linears packs the weights for several samples: x86 CPUs with oneDNN
+CAN_PACK = platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
 
 # A few lines in the dataset's style, repeated with a counter so the text is not perfectly periodic.
 VERSE = """First Citizen:

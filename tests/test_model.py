@@ -6,6 +6,7 @@ from contextlib import nullcontext
 import pytest
 import torch
 
+from helpers import CAN_PACK
 from model import GPT, GPTConfig, KVCache, fused_adamw_devices, sample_next
 
 
@@ -334,10 +335,7 @@ def test_one_token_speed_path_is_taken_agrees_and_restores_onednn():
     assert torch.backends.mkldnn.enabled
 
 
-can_pack = platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
-
-
-@pytest.mark.skipif(not can_pack, reason="weights are packed on x86 CPUs with oneDNN only")
+@pytest.mark.skipif(not CAN_PACK, reason="weights are packed on x86 CPUs with oneDNN only")
 def test_packed_linears_give_the_plain_models_logits_and_text():
     from model import PackedLinear, pack_linears
     plain = tiny(block_size=32).eval()

@@ -1,14 +1,13 @@
 import dataclasses
 import io
 import os
-import platform
 import shutil
 
 import pytest
 import torch
 
 from configurator import UserError
-from helpers import run_script
+from helpers import CAN_PACK, run_script
 import sample as sample_module
 from model import PackedLinear, pack_linears
 from sample import SampleConfig, sample
@@ -61,8 +60,7 @@ def test_a_batch_of_samples_is_what_the_model_makes_one_by_one(trained, monkeypa
     sample(sample_cfg(trained, start="ROMEO:", num_samples=1, max_new_tokens=40, temperature=0.0), out=one)
     sample(sample_cfg(trained, start="ROMEO:", num_samples=4, max_new_tokens=40, temperature=0.0), out=many)
     assert many.getvalue() == one.getvalue() * 4
-    on_x86 = platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
-    assert packed == [0, 4 * trained.n_layer + 1 if on_x86 else 0]  # 4 per block and the head
+    assert packed == [0, 4 * trained.n_layer + 1 if CAN_PACK else 0]  # 4 per block and the head
 
 
 def test_greedy_and_start_from_file(trained, tmp_path):
