@@ -552,8 +552,8 @@ def pack_linears(model, batch_size):
         return model
     try:
         packed = [(n, PackedLinear(m, batch_size)) for n, m in linears]
-    except RuntimeError:  # e.g. "bf16 path needs the cpu support avx_ne_convert or avx512bw, ..."
-        return model
+    except (RuntimeError, AttributeError):  # "bf16 path needs the cpu support avx512bw ...", or a PyTorch
+        return model  # without these (private) oneDNN ops
     for name, module in packed:
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, module)
