@@ -337,11 +337,20 @@ def evaluate_split(model, path, block_size, batch_size, device, ctx, procs=Proce
     return total.item() / n_windows
 
 
+def whole_val_loss(model, cfg, device, ctx, procs):
+    """The figure the README reports: the loss over every window of the val split."""
+    return evaluate_split(model, os.path.join(dataset_dir(cfg), "val.bin"), cfg.block_size, cfg.batch_size,
+                          device, ctx, procs)
+
+
 def evaluate_only(model, cfg, device, ctx, procs):
-    """--eval_only: the checkpoint's loss on eval_iters batches of each split."""
+    """--eval_only: the checkpoint's loss on eval_iters batches of each split (nanoGPT's estimate) and
+    over the whole val split."""
     losses = estimate_loss(model, cfg, device, ctx, procs)
+    losses["val_full"] = whole_val_loss(model, cfg, device, ctx, procs)
     if procs.master:
-        print(f"eval: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+        print(f"eval: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
+              f"(over {cfg.eval_iters} batches); val loss over the whole val split: {losses['val_full']:.4f}")
     return losses
 
 
@@ -569,8 +578,7 @@ def train(cfg):
                 log.log(progress, mean_over_processes(loss, procs), lr)
 
     check_replicas_agree(model, procs, device)
-    losses["val_full"] = evaluate_split(model, os.path.join(dataset_dir(cfg), "val.bin"), cfg.block_size,
-                                        cfg.batch_size, device, ctx, procs)
+    losses["val_full"] = whole_val_loss(model, cfg, device, ctx, procs)
     if procs.master:
         report_end(cfg, progress, losses["val_full"], start_iter)
     return losses

@@ -106,6 +106,20 @@ def test_eval_only_needs_a_checkpoint(tiny_cfg):
     assert losses["val"] < 3.0
 
 
+def test_eval_only_reports_the_whole_val_split(tiny_cfg, capsys):
+    train(tiny_cfg)
+    model = model_from_checkpoint(load_checkpoint(os.path.join(tiny_cfg.out_dir, "ckpt.pt"))).eval()
+    x = torch.from_numpy(np.fromfile(os.path.join(tiny_cfg.data_dir, "tiny", "val.bin"), dtype=np.uint16).astype(np.int64))
+    n = (len(x) - 1) // tiny_cfg.block_size  # every non-overlapping window, the last one's target included
+    windows = x[:n * tiny_cfg.block_size + 1]
+    with torch.no_grad():
+        _, expected = model(windows[:-1].view(n, -1), windows[1:].view(n, -1))
+    capsys.readouterr()
+    losses = train(dataclasses.replace(tiny_cfg, eval_only=True))
+    assert math.isclose(losses["val_full"], expected.item(), rel_tol=1e-5)
+    assert f"val loss over the whole val split: {losses['val_full']:.4f}" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("override, message", [
     (dict(batch_size=0), "batch_size must be positive"),
     (dict(max_iters=-1), "max_iters must be positive"),
