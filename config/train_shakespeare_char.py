@@ -1,5 +1,5 @@
 # The lecture's and nanoGPT's GPU recipe: a 10.65M-parameter character-level GPT on Tiny Shakespeare.
-# Reaches a val loss of about 1.47 in 5000 iterations (a few minutes on one modern GPU).
+# nanoGPT reports a best val loss of 1.4697 over these 5000 iterations on one A100 (README, Results).
 
 out_dir = 'out-shakespeare-char'
 eval_interval = 250  # the model overfits this small dataset, so evaluate often
