@@ -112,8 +112,9 @@ class CausalSelfAttention(nn.Module):
         # queries, keys and values for all heads in one matmul
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        # Dropout on the residual output only: on the attention weights it would keep scaled_dot_product_attention
-        # off its fused kernels. (FastDropout is nn.Dropout, made faster on CPUs: see the end of the file.)
+        # Dropout on the attention weights (some positions ignored at random), as the lecture's and
+        # nanoGPT's, and on the residual output. (FastDropout is nn.Dropout, made faster on CPUs: end of file.)
+        self.attn_dropout = FastDropout(config.dropout)
         self.resid_dropout = FastDropout(config.dropout)
 
     def forward(self, x, kv_cache=None, rope=None):
@@ -135,9 +136,10 @@ class CausalSelfAttention(nn.Module):
         # model cannot peek at the token it is asked to predict. A single new token attends to all
         # cached positions, which are all in its past, so it needs no mask.
         if q.device.type == "cpu" and q.dtype == torch.bfloat16:  # a CPU speed path (end of file)
-            y = explicit_attention(q, k, v)
+            y = explicit_attention(q, k, v, self.attn_dropout)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+            dropout_p = self.attn_dropout.p if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, dropout_p=dropout_p)
         y = y.to(x.dtype).transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
@@ -497,14 +499,18 @@ class FastDropout(nn.Dropout):
         return x * keep
 
 
-def explicit_attention(q, k, v):
-    """Causal softmax(q k^T / sqrt(hs)) v written out, as in the lecture. On CPUs in bfloat16 this
-    runs about twice as fast as scaled_dot_product_attention's CPU kernel for training."""
+def explicit_attention(q, k, v, dropout=None):
+    """Causal softmax(q k^T / sqrt(hs)) v written out, as in the lecture, with dropout (a module) on
+    the attention weights. On CPUs in bfloat16 this runs about twice as fast as
+    scaled_dot_product_attention's CPU kernel for training."""
     T = q.size(-2)
     att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, T_k) affinities
     if T > 1:  # -inf above the diagonal: position t attends to 0..t only; adding it needs no backward work
         att = att + torch.full((T, T), float("-inf"), device=q.device, dtype=att.dtype).triu(1)
-    return F.softmax(att, dim=-1) @ v  # (B, nh, T, hs)
+    att = F.softmax(att, dim=-1)
+    if dropout is not None:
+        att = dropout(att)
+    return att @ v  # (B, nh, T, hs)
 
 
 @contextmanager

@@ -176,6 +176,22 @@ def test_explicit_attention_equals_sdpa():
     torch.testing.assert_close(explicit_attention(q[:, :, -1:], k, v), last, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # scaled_dot_product_attention, explicit
+def test_attention_weights_get_dropout_in_training_only(dtype):
+    from model import CausalSelfAttention
+    torch.manual_seed(0)
+    attn = CausalSelfAttention(GPTConfig(n_embd=16, n_head=2, block_size=8, dropout=0.5), layer_idx=0)
+    x = torch.randn(2, 8, 16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        plain = attn.eval()(x).float()
+        attn.train()
+        attn.resid_dropout.eval()  # only the attention weights' dropout left on
+        draws = torch.stack([attn(x).float() for _ in range(400)])
+    assert not torch.allclose(draws[0], plain, atol=1e-3)  # some weights were dropped
+    assert not torch.allclose(draws[0], draws[1], atol=1e-3)  # a fresh mask every call
+    torch.testing.assert_close(draws.mean(0), plain, atol=0.05, rtol=0)  # and scaled: unbiased on average
+
+
 def test_bf16_autocast_close_to_fp32():
     model = tiny(vocab_size=65, n_embd=32)
     idx = torch.randint(0, 65, (4, 16), generator=torch.Generator().manual_seed(5))
