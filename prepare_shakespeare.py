@@ -196,12 +196,23 @@ def process_alive(pid):
     return True
 
 
+DATASET_FILES = ("train.bin", "val.bin", "meta.pkl", "input.txt")  # what prepare writes
+
+
+def copy_entry(src, dst):
+    if os.path.isdir(src) and not os.path.islink(src):
+        shutil.copytree(src, dst, symlinks=True)
+    else:
+        shutil.copy2(src, dst, follow_symlinks=False)
+
+
 def prepare(text, out_dir, tok=None, source=None):
     """Tokenize text (with tok, or a vocabulary of its own characters) and write train.bin, val.bin,
     meta.pkl and input.txt (a copy of the file `source`, or text) into out_dir; return the tokenizer.
 
     The four files are written into a new folder beside out_dir that then takes its place, so that a
-    reader sees the old set or the new one, never a mix, even if this process is killed midway."""
+    reader sees the old set or the new one, never a mix, even if this process is killed midway. Other
+    files in out_dir (its README.md, a user's notes) are copied into the new folder first."""
     tok = tok or CharTokenizer.from_text(text)
     if tok.vocab_size > np.iinfo(np.uint16).max + 1:
         raise DatasetError(f"the text has {tok.vocab_size} distinct characters; uint16 token files hold at most 65536")
@@ -227,6 +238,9 @@ def prepare(text, out_dir, tok=None, source=None):
             with open(os.path.join(staging, "input.txt"), "w", encoding="utf-8", newline="") as f:
                 f.write(text)
         if os.path.exists(out_dir):
+            for entry in os.listdir(out_dir):
+                if entry not in DATASET_FILES:
+                    copy_entry(os.path.join(out_dir, entry), os.path.join(staging, entry))
             os.rename(out_dir, old)
         os.rename(staging, out_dir)
     except OSError as e:

@@ -188,6 +188,20 @@ def test_preparing_again_replaces_the_whole_set_and_removes_leftovers(tmp_path):
     assert sorted(os.listdir(tmp_path / "data")) == ["mine"]
 
 
+def test_preparing_again_keeps_the_folders_other_files(tmp_path):
+    """The repo tracks data/shakespeare_char/README.md; a user may keep notes beside the data."""
+    out = tmp_path / "data" / "mine"
+    prepare(TEXT, str(out))
+    (out / "README.md").write_text("# mine\n")
+    (out / "notes").mkdir()
+    (out / "notes" / "run1.txt").write_text("val 1.55\n")
+    prepare(TINY_TEXT, str(out))
+    assert (out / "README.md").read_text() == "# mine\n"
+    assert (out / "notes" / "run1.txt").read_text() == "val 1.55\n"
+    assert (out / "input.txt").read_text(encoding="utf-8") == TINY_TEXT
+    assert sorted(os.listdir(out)) == ["README.md", "input.txt", "meta.pkl", "notes", "train.bin", "val.bin"]
+
+
 def test_a_full_disk_while_preparing_keeps_the_old_set(tmp_path, monkeypatch):
     out = tmp_path / "data" / "mine"
     prepare(TEXT, str(out))
