@@ -63,18 +63,20 @@ def sinusoidal_table(n_positions, dim):
 
 
 def rope_tables(n_positions, head_size, base=10000.0):
-    """cos and sin of the rotary angles, each (n_positions, head_size / 2)."""
+    """cos and sin of the rotary angles, laid out for apply_rope: each (n_positions, head_size), the
+    angle of channel pair i in columns i and i + head_size / 2, the sines negative in the first half."""
     freq = 1.0 / base ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)
     angles = torch.arange(n_positions, dtype=torch.float32)[:, None] * freq
-    return torch.cos(angles), torch.sin(angles)
+    cos, sin = torch.cos(angles), torch.sin(angles)
+    return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
 
 
 def apply_rope(x, cos, sin):
-    """Rotate each pair of channels (i, i + hs/2) of x (B, nh, T, hs) by its position's angle, so
-    that q . k depends only on how far apart the two positions are (RoFormer, Su et al. 2021)."""
+    """Rotate each pair of channels (i, i + hs/2) of x (..., T, hs) by its position's angle, so that
+    q . k depends only on how far apart the two positions are (RoFormer, Su et al. 2021):
+    (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), as x * cos + (x2, x1) * sin with rope_tables'."""
     x1, x2 = x.chunk(2, dim=-1)
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return x * cos.to(x.dtype) + torch.cat((x2, x1), dim=-1) * sin.to(x.dtype)
 
 
 class KVCache:
@@ -119,13 +121,12 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, kv_cache=None, rope=None):
         B, T, C = x.size()  # batch, time (sequence length), channels (n_embd)
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        # split channels into heads: (B, T, C) -> (B, nh, T, hs)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        if rope is not None:  # rotary positions: rotate queries and keys, before keys are cached
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        # queries, keys and values, each split into heads: (B, T, 3C) -> (3, B, nh, T, hs)
+        qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        if rope is not None:  # rotary positions: rotate queries and keys (in one go), before keys are cached
+            (q, k), v = apply_rope(qkv[:2], *rope), qkv[2]
+        else:
+            q, k, v = qkv
         if kv_cache is not None:
             if kv_cache.pos > 0 and T > 1:
                 raise ValueError("a KV cache extends one token at a time after the prompt")
@@ -503,11 +504,13 @@ def explicit_attention(q, k, v, dropout=None):
     """Causal softmax(q k^T / sqrt(hs)) v written out, as in the lecture, with dropout (a module) on
     the attention weights. On CPUs in bfloat16 this runs about twice as fast as
     scaled_dot_product_attention's CPU kernel for training."""
-    T = q.size(-2)
-    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, T_k) affinities
-    if T > 1:  # -inf above the diagonal: position t attends to 0..t only; adding it needs no backward work
-        att = att + torch.full((T, T), float("-inf"), device=q.device, dtype=att.dtype).triu(1)
-    att = F.softmax(att, dim=-1)
+    B, nh, T, hs = q.shape
+    T_k = k.size(-2)
+    # -inf above the diagonal: position t attends to 0..t only (a single new token sees all of its past)
+    mask = torch.full((T, T_k), float("-inf"), device=q.device, dtype=q.dtype).triu(T_k - T + 1)
+    # (B, nh, T, T_k) affinities: scaled, masked and multiplied in one baddbmm (mask + scale * q @ k^T)
+    att = torch.baddbmm(mask, q.reshape(B * nh, T, hs), k.reshape(B * nh, T_k, hs).mT, alpha=1.0 / math.sqrt(hs))
+    att = F.softmax(att.view(B, nh, T, T_k), dim=-1)
     if dropout is not None:
         att = dropout(att)
     return att @ v  # (B, nh, T, hs)

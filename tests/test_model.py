@@ -171,6 +171,15 @@ def test_explicit_attention_equals_sdpa():
     q, k, v = torch.randn(3, 2, 4, 10, 8, generator=torch.Generator().manual_seed(4))
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
     torch.testing.assert_close(explicit_attention(q, k, v), expected, rtol=1e-5, atol=1e-5)
+    # and its gradients (the scale and mask live inside one baddbmm)
+    w = torch.randn(2, 4, 10, 8, generator=torch.Generator().manual_seed(5))
+    grads = []
+    for attention in (explicit_attention, lambda *qkv: torch.nn.functional.scaled_dot_product_attention(*qkv, is_causal=True)):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        (attention(*leaves) * w).sum().backward()
+        grads.append([t.grad for t in leaves])
+    for ours, theirs in zip(*grads):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
     # one new token against cached keys and values: no mask, as scaled_dot_product_attention without is_causal
     last = torch.nn.functional.scaled_dot_product_attention(q[:, :, -1:], k, v)
     torch.testing.assert_close(explicit_attention(q[:, :, -1:], k, v), last, rtol=1e-5, atol=1e-5)
@@ -249,6 +258,13 @@ def test_sinusoidal_table_and_rope_rotation():
         return (apply_rope(q.view(1, 1, 1, 8), cos[i], sin[i]) * apply_rope(k.view(1, 1, 1, 8), cos[j], sin[j])).sum()
     torch.testing.assert_close(dot(3, 1), dot(12, 10))
     assert not torch.allclose(dot(3, 1), dot(3, 2))
+    # the rotation itself, pair by pair: channels (i, i + 4) of position p turn by p / 10000^(2i / 8);
+    # a checkpoint trained with rope depends on exactly this pairing
+    x = torch.randn(2, 3, 20, 8, generator=torch.Generator().manual_seed(1))
+    angle = torch.arange(20.0)[:, None] / 10000 ** (torch.arange(0, 8, 2) / 8)
+    x1, x2 = x[..., :4], x[..., 4:]
+    expected = torch.cat((x1 * angle.cos() - x2 * angle.sin(), x1 * angle.sin() + x2 * angle.cos()), dim=-1)
+    torch.testing.assert_close(apply_rope(x, cos, sin), expected)
 
 
 def test_bigram_model():
