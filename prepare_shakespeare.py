@@ -172,6 +172,19 @@ def write_atomic(path, write):
             os.remove(tmp)
 
 
+def restore_interrupted_swap(folder, name):
+    """A prepare killed between its two renames left no folder `name`, and the previous set in
+    .name.tmpPID.old: put it back, before leftovers are removed."""
+    target = os.path.join(folder, name)
+    if os.path.exists(target) or not os.path.isdir(folder):
+        return
+    for entry in os.listdir(folder):
+        pid = entry[len(name) + 5:].split(".")[0] if entry.startswith(f".{name}.tmp") else ""
+        if entry.endswith(".old") and pid.isdigit() and not process_alive(int(pid)):
+            os.rename(os.path.join(folder, entry), target)
+            return
+
+
 def remove_leftovers(folder, prefix):
     """Remove what killed processes left in folder: names prefix + 'tmp' + PID (+ anything), PID gone."""
     for name in os.listdir(folder) if os.path.isdir(folder) else []:
@@ -226,6 +239,7 @@ def prepare(text, out_dir, tok=None, source=None):
     old = staging + ".old"
     try:
         os.makedirs(parent, exist_ok=True)
+        restore_interrupted_swap(parent, name)
         remove_leftovers(parent, f".{name}.")
         os.makedirs(staging)
         ids[:split].tofile(os.path.join(staging, "train.bin"))
@@ -257,6 +271,7 @@ def prepare_dataset(dataset=DEFAULT_DATASET, input_path=None, url=SHAKESPEARE_UR
     vocab_from names a prepared dataset whose vocabulary to use (to fine-tune a model trained on it)."""
     out_dir = os.path.join(data_dir, dataset)
     text_path = os.path.join(out_dir, "input.txt")
+    restore_interrupted_swap(*os.path.split(os.path.abspath(out_dir)))  # its input.txt spares a download
     tok = None
     if vocab_from is not None:
         meta = os.path.join(data_dir, vocab_from, "meta.pkl")

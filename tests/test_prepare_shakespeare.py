@@ -202,6 +202,24 @@ def test_preparing_again_keeps_the_folders_other_files(tmp_path):
     assert sorted(os.listdir(out)) == ["README.md", "input.txt", "meta.pkl", "notes", "train.bin", "val.bin"]
 
 
+def test_a_prepare_killed_between_its_renames_loses_nothing(tmp_path):
+    """Killed after moving the old set aside (.mine.tmpPID.old) and before moving the new one in:
+    the next prepare puts the old set back first, so the folder's other files survive."""
+    out = tmp_path / "data" / "mine"
+    prepare(TEXT, str(out))
+    (out / "README.md").write_text("# mine\n")
+    out.rename(tmp_path / "data" / f".mine.tmp{dead_pid()}.old")
+    prepare(TINY_TEXT, str(out))
+    assert (out / "README.md").read_text() == "# mine\n"
+    assert (out / "input.txt").read_text(encoding="utf-8") == TINY_TEXT
+    assert sorted(os.listdir(tmp_path / "data")) == ["mine"]
+    # the same, through prepare_dataset with no --input: the old set's input.txt is found, no download
+    out.rename(tmp_path / "data" / f".mine.tmp{dead_pid()}.old")
+    prepare_dataset("mine", url="http://127.0.0.1:9/unreachable", sha256=None, data_dir=str(tmp_path / "data"))
+    assert (out / "README.md").read_text() == "# mine\n"
+    assert sorted(os.listdir(tmp_path / "data")) == ["mine"]
+
+
 def test_a_full_disk_while_preparing_keeps_the_old_set(tmp_path, monkeypatch):
     out = tmp_path / "data" / "mine"
     prepare(TEXT, str(out))
