@@ -172,29 +172,33 @@ def write_atomic(path, write):
             os.remove(tmp)
 
 
+def dead_leftovers(folder, prefix):
+    """Names in folder of the form prefix + 'tmp' + PID (+ anything) whose process PID is gone."""
+    names = []
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        pid = name[len(prefix) + 3:].split(".")[0] if name.startswith(prefix + "tmp") else ""
+        if pid.isdigit() and not process_alive(int(pid)):
+            names.append(name)
+    return names
+
+
 def restore_interrupted_swap(folder, name):
     """A prepare killed between its two renames left no folder `name`, and the previous set in
     .name.tmpPID.old: put it back, before leftovers are removed."""
     target = os.path.join(folder, name)
-    if os.path.exists(target) or not os.path.isdir(folder):
-        return
-    for entry in os.listdir(folder):
-        pid = entry[len(name) + 5:].split(".")[0] if entry.startswith(f".{name}.tmp") else ""
-        if entry.endswith(".old") and pid.isdigit() and not process_alive(int(pid)):
-            os.rename(os.path.join(folder, entry), target)
-            return
+    old_sets = [n for n in dead_leftovers(folder, f".{name}.") if n.endswith(".old")]
+    if old_sets and not os.path.exists(target):
+        os.rename(os.path.join(folder, old_sets[0]), target)
 
 
 def remove_leftovers(folder, prefix):
-    """Remove what killed processes left in folder: names prefix + 'tmp' + PID (+ anything), PID gone."""
-    for name in os.listdir(folder) if os.path.isdir(folder) else []:
-        pid = name[len(prefix) + 3:].split(".")[0] if name.startswith(prefix + "tmp") else ""
-        if pid.isdigit() and not process_alive(int(pid)):
-            path = os.path.join(folder, name)
-            if os.path.isdir(path):
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                os.remove(path)
+    """Remove what killed processes left in folder (see dead_leftovers)."""
+    for name in dead_leftovers(folder, prefix):
+        path = os.path.join(folder, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.remove(path)
 
 
 def process_alive(pid):
