@@ -27,7 +27,7 @@ import torch
 
 from configurator import check, configure, run_main
 from device import (DeviceSettings, autocast_context, describe_dtype, matmul_peak_flops, newton_schulz_dtype,
-                    select_device, select_dtype, select_sampling_dtype, synchronize, use_compile)
+                    reuse_freed_memory, select_device, select_dtype, select_sampling_dtype, synchronize, use_compile)
 from model import GPT, GPTConfig, PackedLinear, pack_linears, torch_optimizers
 from train import TrainBatches, check_model_settings, model_config, train_step
 
@@ -165,6 +165,8 @@ class Variant:
 def bench(cfg):
     device = select_device(cfg.device)
     device_type = torch.device(device).type
+    if device_type == "cpu":
+        reuse_freed_memory()  # as train.py (so nanoGPT's path, in this process, gets it too)
     dtype = select_dtype(cfg.dtype, device)
     with tempfile.TemporaryDirectory() as tmp:
         data_path = os.path.join(tmp, "tokens.bin")

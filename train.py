@@ -28,8 +28,8 @@ from checkpoint import (CKPT_NAME, RESUME_NAME, CheckpointError, Progress, captu
 from configurator import ConfigError, UserError, check, check_choice, configure, run_main
 from device import (DeviceSettings, Processes, any_process, autocast_context, check_replicas_agree,
                     describe_dtype, end_processes, from_rank0, gather_from_all, matmul_peak_flops,
-                    newton_schulz_dtype, on_rank0, out_of_memory_in_one_line, select_dtype, start_processes,
-                    use_compile)
+                    newton_schulz_dtype, on_rank0, out_of_memory_in_one_line, reuse_freed_memory, select_dtype,
+                    start_processes, use_compile)
 from metrics import TrainingLog, plot_metrics, record_config, start_wandb
 from model import GPTConfig, build_model
 from prepare_shakespeare import (DEFAULT_DATASET, CharTokenizer, check_dataset_name, prepare_dataset,
@@ -496,6 +496,8 @@ def report_end(cfg, progress, val_full, start_iter):
 def train(cfg):
     """Train the model cfg describes; return the last evaluation's losses (and the whole val split's)."""
     procs, device = start_processes(cfg.device, cfg.backend)
+    if torch.device(device).type == "cpu":
+        reuse_freed_memory()  # large activations, freed and allocated every step, stay mapped
     micro_steps = micro_steps_per_process(cfg, procs)
     dtype = select_dtype(cfg.dtype, device)
     ctx = autocast_context(device, dtype)  # mixed precision: matmuls in dtype, weights in float32

@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -87,3 +89,31 @@ def test_one_stream_samples_in_bfloat16_on_any_cpu(monkeypatch):
         assert device.select_sampling_dtype("auto", "cpu", 10) == batch_dtype
         assert device.select_sampling_dtype("float32", "cpu", 1) == "float32"
     assert device.select_sampling_dtype("auto", "mps", 1) == "float32"
+
+
+FAULTS_SCRIPT = """
+import resource, sys, torch
+from device import reuse_freed_memory
+
+took = reuse_freed_memory() if sys.argv[1] == "reuse" else None
+for _ in range(10):  # settle: the heap grows to what the tensors need
+    torch.ones(2 ** 24)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    torch.ones(2 ** 24)  # 64 MB, written, then freed
+print(took, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5 / (2 ** 26 / resource.getpagesize()))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator only")
+def test_freed_memory_is_reused_without_page_faults():
+    # in processes of their own: the setting is for the whole process, and train() may have made it here
+    faults = {}
+    for mode in ("plain", "reuse"):
+        out = subprocess.run([sys.executable, "-c", FAULTS_SCRIPT, mode], capture_output=True, text=True,
+                             cwd=REPO, timeout=120, check=True).stdout.split()
+        took, faults[mode] = out[0], float(out[1])  # page faults per tensor, per page of it
+    if took != "True":
+        pytest.skip("no glibc mallopt here")
+    assert faults["plain"] > 0.9  # by default every page of every new large tensor faults
+    assert faults["reuse"] < 0.05  # with it, a freed tensor's pages serve the next one

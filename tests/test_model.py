@@ -211,14 +211,24 @@ def test_bf16_autocast_close_to_fp32():
     assert abs(loss16.item() - loss32.item()) < 0.02
 
 
-def test_cpu_dropout_rate_and_scale():
+def test_cpu_dropout_rate_scale_and_gradient():
     from model import FastDropout
     drop = FastDropout(0.25).train()
     torch.manual_seed(0)
-    y = drop(torch.ones(200_000))
-    assert abs((y == 0).float().mean().item() - 0.25) < 0.01
+    x = torch.ones(1_000_003, requires_grad=True)  # not a multiple of the 4 elements an int64 draw covers
+    y = drop(x)
+    dropped = (y == 0).float()
+    five_sigma = 5 * (0.25 * 0.75 / 250_000) ** 0.5
+    # each of the four 16-bit lanes of a draw drops at rate p (a lane of biased bits would not)
+    for lane in range(4):
+        assert abs(dropped[lane::4].mean().item() - 0.25) < five_sigma
     values = y.unique()
     assert len(values) == 2 and values[0] == 0 and abs(values[1] - 4 / 3) < 1e-6  # survivors scaled up
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # the gradient passes through the same mask, scaled
+    assert drop(torch.ones(3, 5, 7, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    torch.manual_seed(0)
+    assert torch.equal(drop(torch.ones(1_000_003)), y.detach())  # the global seed decides the mask
     assert torch.equal(drop.eval()(torch.ones(5)), torch.ones(5))
 
 
