@@ -500,7 +500,8 @@ class FastDropout(nn.Dropout):
         if not self.training or self.p == 0.0 or x.device.type != "cpu":
             return super().forward(x)
         n = x.numel()
-        bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2 ** 63, None)  # all 64 bits random
+        # (n + 3) // 4 int64s, all 64 bits random: random_() alone would leave the sign bit 0
+        bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-2 ** 63, None)
         bits = bits.view(torch.int16)[:n].view(x.shape)  # uniform in [-2^15, 2^15)
         keep = bits >= round(self.p * 2 ** 16) - 2 ** 15  # probability 1 - p
         return x * (keep.to(x.dtype) * (1.0 / (1.0 - self.p)))
