@@ -92,12 +92,28 @@ def matmul_peak_flops(device, dtype, n=None, repeats=3):
     return 2 * n ** 3 / best
 
 
-def cpu_bf16_speedup():
+@functools.lru_cache(maxsize=None)
+def cpu_bf16_speedup(n=256, min_rounds=5, min_seconds=0.05):
     """How many times faster a 256 x 256 bfloat16 matmul runs than a float32 one on this CPU. CPUs
     with native bf16 (AVX512-BF16, AMX, ARM's BF16) give 1.5-4x; elsewhere bf16 is emulated and
     about 100x slower. Measuring works on every OS and architecture (no CPU flag names to know)
-    and costs a few milliseconds, about 50 where bf16 is emulated."""
-    return matmul_peak_flops("cpu", "bfloat16", n=256) / matmul_peak_flops("cpu", "float32", n=256)
+    and costs about 50 ms, 100-150 where bf16 is emulated. The two are timed in turns (at least 5
+    rounds and 50 ms), the best of each, so that a moment's slowness of a shared machine cannot
+    decide: timed one after the other, best of 3, a 2-core EPYC with native bf16 once gave 0.97x."""
+    gen = torch.Generator().manual_seed(0)  # its own: the global generator must not move
+    a = torch.randn(n, n, generator=gen)
+    operands = [a, a.bfloat16()]
+    best = [float("inf")] * 2
+    for x in operands:
+        x @ x  # the first call may set up kernels
+    start, rounds = time.perf_counter(), 0
+    while rounds < min_rounds or time.perf_counter() - start < min_seconds:
+        for i, x in enumerate(operands):
+            t0 = time.perf_counter()
+            x @ x
+            best[i] = min(best[i], time.perf_counter() - t0)
+        rounds += 1
+    return best[0] / best[1]
 
 
 def bf16_is_native(device):
