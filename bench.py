@@ -165,8 +165,7 @@ class Variant:
 def bench(cfg):
     device = select_device(cfg.device)
     device_type = torch.device(device).type
-    if device_type == "cpu":
-        reuse_freed_memory()  # as train.py (so nanoGPT's path, in this process, gets it too)
+    reuse_freed_memory(device)  # as train.py (so nanoGPT's path, in this process, gets it too)
     dtype = select_dtype(cfg.dtype, device)
     with tempfile.TemporaryDirectory() as tmp:
         data_path = os.path.join(tmp, "tokens.bin")

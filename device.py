@@ -169,15 +169,16 @@ def describe_dtype(requested, dtype, device):
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt() settings (malloc.h)
 
 
-def reuse_freed_memory():
-    """On Linux with glibc, have the C allocator keep memory the process frees, for its next tensors.
+def reuse_freed_memory(device):
+    """On a CPU device, on Linux with glibc, have the C allocator keep memory the process frees, for its
+    next tensors.
     By default glibc gives each large allocation (always those over 32 MB) pages of its own, fresh from
     the kernel, and returns them when the tensor is freed; each new tensor then faults in all its pages.
     A training step on a CPU allocates and frees large activations over and over: for the GPU recipe
     (its (B, nh, T, T) attention weights are 50 MB a layer) this makes train.py's step 1.75x faster on
     2 cores (5.0 vs 8.9 s; README, Performance). The cost: the process keeps its peak memory to the end.
-    Returns whether it took effect (elsewhere, macOS, Windows, musl, nothing changes)."""
-    if not sys.platform.startswith("linux"):
+    Returns whether it took effect (elsewhere, GPUs, macOS, Windows, musl, nothing changes)."""
+    if torch.device(device).type != "cpu" or not sys.platform.startswith("linux"):
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt

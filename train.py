@@ -496,8 +496,7 @@ def report_end(cfg, progress, val_full, start_iter):
 def train(cfg):
     """Train the model cfg describes; return the last evaluation's losses (and the whole val split's)."""
     procs, device = start_processes(cfg.device, cfg.backend)
-    if torch.device(device).type == "cpu":
-        reuse_freed_memory()  # large activations, freed and allocated every step, stay mapped
+    reuse_freed_memory(device)  # on a CPU: large activations, freed and allocated every step, stay mapped
     micro_steps = micro_steps_per_process(cfg, procs)
     dtype = select_dtype(cfg.dtype, device)
     ctx = autocast_context(device, dtype)  # mixed precision: matmuls in dtype, weights in float32
