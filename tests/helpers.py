@@ -1,11 +1,18 @@
 """What several test files share besides fixtures (those are in conftest.py)."""
 
+import contextlib
+import importlib
+import io
 import os
 import platform
 import subprocess
 import sys
 
 import torch
+
+from configurator import run_main
+from prepare_shakespeare import prepare
+from train import TrainConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,7 +40,39 @@ It is the east, and Juliet is the sun.
 TINY_TEXT = "".join(VERSE.replace("First", ["First", "Second", "Third"][i % 3]) for i in range(60))
 
 
+def prepare_tiny(root):
+    """TINY_TEXT prepared as dataset 'tiny' under root/data; returns root/data."""
+    prepare(TINY_TEXT, str(root / "data" / "tiny"))
+    return root / "data"
+
+
+def tiny_config(data_dir, out_dir):
+    """A TrainConfig for a tiny model on the 'tiny' dataset that trains in a second or two on CPU."""
+    return TrainConfig(out_dir=str(out_dir), data_dir=str(data_dir), dataset="tiny",
+                       n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=8, dropout=0.0,
+                       max_iters=40, lr_decay_iters=40, warmup_iters=5, eval_interval=20, eval_iters=4,
+                       log_interval=10, learning_rate=3e-3, device="cpu", dtype="float32", seed=0)
+
+
 def run_script(*args, cwd=REPO):
     """Run one of the project's scripts as a user would; returns the CompletedProcess."""
     return subprocess.run([sys.executable, os.path.join(REPO, args[0]), *args[1:]],
                           capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def run_in_process(script, *args, cwd=None):
+    """Run a script's main() in this process, as `python SCRIPT ARGS` runs it (through run_main):
+    the same CompletedProcess as run_script, without the seconds a new Python spends importing torch."""
+    module = importlib.import_module(os.path.splitext(script)[0])
+    out, err, code, here = io.StringIO(), io.StringIO(), 0, os.getcwd()
+    argv, sys.argv = sys.argv, [script, *args]
+    try:
+        os.chdir(cwd or REPO)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            run_main(module.main)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv = argv
+        os.chdir(here)
+    return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())

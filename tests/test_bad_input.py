@@ -15,7 +15,7 @@ import prepare_shakespeare
 import sample
 import train
 from configurator import run_main
-from helpers import run_script
+from helpers import prepare_tiny, run_script, tiny_config
 
 
 class Hostile:
@@ -28,12 +28,15 @@ class Hostile:
         return (open, (self.marker, "w"))
 
 
-@pytest.fixture
-def world(tiny_cfg, tmp_path):
-    """A trained run, plus files of every bad kind, all under tmp_path."""
-    cfg = dataclasses.replace(tiny_cfg, max_iters=10, lr_decay_iters=10, eval_interval=10)
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A trained run, plus files of every bad kind, all under one folder that every case shares:
+    each case checks that it changed nothing there."""
+    root = tmp_path_factory.mktemp("world")
+    cfg = dataclasses.replace(tiny_config(prepare_tiny(root), root / "out"), max_iters=10, lr_decay_iters=10,
+                              eval_interval=10)
     train.train(cfg)
-    d = tmp_path / "bad"
+    d = root / "bad"
     d.mkdir()
     (d / "folder").mkdir()
     (d / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
@@ -41,7 +44,7 @@ def world(tiny_cfg, tmp_path):
     (d / "syntax.py").write_text("batch_size = = 3\n")
     (d / "raises.py").write_text("batch_size = 1 / 0\n")
     (d / "foreign.txt").write_text("ROMEO: \u4e2d\n")
-    marker = str(tmp_path / "code_ran")
+    marker = str(root / "code_ran")
     for name, payload in [("truncated", None), ("list", [1, 2, 3]), ("hostile", Hostile(marker)),
                           ("folder_ckpt", None)]:
         out = d / f"out_{name}"
@@ -58,19 +61,19 @@ def world(tiny_cfg, tmp_path):
                 pickle.dump(payload, f)
     for name, payload in [("notpickle", b"this is not a pickle"), ("hostile", Hostile(marker)),
                           ("wrongshape", {"vocab_size": 3, "itos": {0: "ab"}})]:
-        ds = tmp_path / "data" / f"meta_{name}"
+        ds = root / "data" / f"meta_{name}"
         ds.mkdir()
         for split in ("train.bin", "val.bin"):
-            (ds / split).write_bytes((tmp_path / "data" / "tiny" / split).read_bytes())
+            (ds / split).write_bytes((root / "data" / "tiny" / split).read_bytes())
         with open(ds / "meta.pkl", "wb") as f:
             f.write(payload) if isinstance(payload, bytes) else pickle.dump(payload, f)
-    ds = tmp_path / "data" / "odd_bin"
+    ds = root / "data" / "odd_bin"
     ds.mkdir()
     for name in ("train.bin", "val.bin", "meta.pkl"):
-        (ds / name).write_bytes((tmp_path / "data" / "tiny" / name).read_bytes())
+        (ds / name).write_bytes((root / "data" / "tiny" / name).read_bytes())
     with open(ds / "train.bin", "ab") as f:
         f.write(b"\x01")  # half a token: truncated, or not a token file
-    return cfg, d, marker
+    return root, cfg, d, marker
 
 
 def snapshot(root):
@@ -89,6 +92,9 @@ def T(cfg):
 CASES_TABLE = """
 # train.py: settings
 train --batch_size=0                                               | batch_size must be positive, got 0
+train --block_size=-4                                              | block_size must be positive, got -4
+train --n_embd=100 --n_head=3                                      | n_embd=100 is not divisible by n_head=3
+train --learning_rate=fast                                         | learning_rate must be float
 train --learning_rate=-1                                           | learning_rate must be positive, got -1.0
 train --learning_rate=1e999                                        | learning_rate must be a finite number
 train --min_lr=0.5                                                 | min_lr must be between 0 and learning_rate
@@ -112,6 +118,7 @@ train --dataset=../elsewhere                                       | dataset mus
 train --n_layer=2.5                                                | n_layer must be int
 train --batch_size                                                 | '--batch_size' has no value
 # train.py: files
+train no/such/config.py                                            | config file 'no/such/config.py' not found
 train '{d}/folder'                                                 | is a folder; give a .py file
 train '{d}/latin1.txt'                                             | is not UTF-8 text
 train '{d}/syntax.py'                                              | failed to run: SyntaxError
@@ -127,6 +134,8 @@ train --dataset=meta_hostile                                       | meta.pkl is
 train --dataset=meta_wrongshape                                    | meta.pkl is not a vocabulary file
 train --dataset=odd_bin                                            | does not belong with
 train --dataset=missing                                            | dataset 'missing' is not prepared
+train --init_from=resume '--out_dir={d}/nowhere'                   | no checkpoint at {d}/nowhere/ckpt.pt
+train --eval_only=True '--out_dir={d}/nowhere'                     | no checkpoint at {d}/nowhere/ckpt.pt
 # sample.py
 sample --start=                                                    | start must be a prompt of at least one character
 sample '--start=FILE:{d}/empty.txt'                                | the prompt file {d}/empty.txt is empty
@@ -173,8 +182,8 @@ CASES = [case(line) for line in CASES_TABLE.strip().splitlines() if not line.sta
 
 
 @pytest.mark.parametrize("script, args, message", CASES, ids=[" ".join([c[0]] + c[1]) for c in CASES])
-def test_bad_input_gets_one_line_and_changes_nothing(world, tmp_path, monkeypatch, capsys, script, args, message):
-    cfg, d, marker = world
+def test_bad_input_gets_one_line_and_changes_nothing(world, monkeypatch, capsys, script, args, message):
+    root, cfg, d, marker = world
     module = {"train": train, "sample": sample, "prepare": prepare_shakespeare, "bench": bench}[script]
     args = [a.replace("{d}", str(d)) for a in args]
     common = {"train": T(cfg), "sample": [f"--out_dir={cfg.out_dir}", "--device=cpu"],
@@ -183,7 +192,7 @@ def test_bad_input_gets_one_line_and_changes_nothing(world, tmp_path, monkeypatc
     argv = [a for a in args if not a.startswith("-")] + common + [a for a in args if a.startswith("-")]
     if script == "prepare":
         argv = common + args
-    before = snapshot(tmp_path)
+    before = snapshot(root)
     monkeypatch.setattr(sys, "argv", [f"{script}.py", *argv])
     with pytest.raises(SystemExit) as exit_:
         run_main(module.main)
@@ -191,23 +200,17 @@ def test_bad_input_gets_one_line_and_changes_nothing(world, tmp_path, monkeypatc
     assert exit_.value.code in (1, 2)
     assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err, err
     assert message.replace("{d}", str(d)) in err, err
-    assert snapshot(tmp_path) == before
+    assert snapshot(root) == before
     assert not os.path.exists(marker)  # no file this repo reads can run code
 
 
 @pytest.mark.parametrize("script, args, message", [
     ("train.py", ["--batch_size=0"], "error: batch_size must be positive"),
-    ("train.py", ["--block_size=-4"], "error: block_size must be positive"),
-    ("train.py", ["--n_embd=100", "--n_head=3"], "error: n_embd=100 is not divisible by n_head=3"),
-    ("train.py", ["no/such/config.py"], "error: config file 'no/such/config.py' not found"),
-    ("train.py", ["--learning_rate=fast"], "error: learning_rate must be float"),
-    ("train.py", ["--init_from=resume", "--out_dir=nowhere"], "error: no checkpoint at nowhere/ckpt.pt"),
-    ("train.py", ["--eval_only=True", "--out_dir=nowhere"], "error: no checkpoint at nowhere/ckpt.pt"),
     ("sample.py", ["--out_dir=nowhere"], "error: no checkpoint at nowhere/ckpt.pt"),
-    ("prepare_shakespeare.py", ["--input", "missing.txt"], "error: input text 'missing.txt' not found"),
     ("prepare_shakespeare.py", ["--inptu=x.txt"], "error: unrecognized arguments: --inptu=x.txt; see python"),
 ])
 def test_bad_input_is_one_line_without_traceback(tiny_data, tmp_path, script, args, message):
+    """The sweep above as real commands, one per script: `python SCRIPT` reaches run_main too."""
     common = {"train.py": [f"--data_dir={tiny_data}", "--dataset=tiny"], "sample.py": [],
               "prepare_shakespeare.py": ["--data_dir", str(tiny_data)]}[script]
     before = sorted(p for p in tmp_path.rglob("*"))
@@ -215,4 +218,3 @@ def test_bad_input_is_one_line_without_traceback(tiny_data, tmp_path, script, ar
     assert r.returncode in (1, 2) and r.stderr.startswith(message), r.stderr
     assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
     assert sorted(p for p in tmp_path.rglob("*")) == before  # nothing written
-

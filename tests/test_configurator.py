@@ -3,7 +3,7 @@ from dataclasses import dataclass
 import pytest
 
 from configurator import ConfigError, configure
-from helpers import REPO, run_script
+from helpers import REPO, run_in_process
 from train import TrainConfig
 
 
@@ -93,7 +93,7 @@ def test_broken_config_file(tmp_path):
 
 @pytest.mark.parametrize("script", ["train.py", "sample.py"])
 def test_scripts_exit_2_with_one_line(script):
-    r = run_script(script, "--n_layr=3" if script == "train.py" else "--temprature=1")
+    r = run_in_process(script, "--n_layr=3" if script == "train.py" else "--temprature=1")
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: unknown config key")
     assert "Traceback" not in r.stderr

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from configurator import UserError
-from helpers import TINY_TEXT, run_script
+from helpers import TINY_TEXT, run_in_process, run_script
 from checkpoint import Progress
 from metrics import TrainingLog, plot_metrics
 from train import train
@@ -109,7 +109,7 @@ def test_a_finished_run_is_plotted_by_a_plain_command(tiny_cfg, tmp_path):
     assert r.stdout.strip() == f"loss curves drawn in {os.path.join(tiny_cfg.out_dir, 'loss.png')}"
     with open(os.path.join(tiny_cfg.out_dir, "loss.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-    r = run_script("metrics.py", f"--out_dir={tmp_path / 'nothing'}")
+    r = run_in_process("metrics.py", f"--out_dir={tmp_path / 'nothing'}")
     assert r.returncode == 1 and r.stderr.count("\n") == 1
     assert r.stderr.startswith("error: no loss curves to draw: can't read") and "train a run" in r.stderr
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from configurator import UserError
-from helpers import CAN_PACK, run_script
+from helpers import CAN_PACK, run_in_process, run_script
 import sample as sample_module
 from model import PackedLinear, pack_linears
 from sample import SampleConfig, sample
@@ -73,13 +73,13 @@ def test_greedy_and_start_from_file(trained, tmp_path):
 
 
 def test_start_outside_vocabulary(trained):
-    r = run_script("sample.py", f"--out_dir={trained.out_dir}", "--start=ROMEO: 🙂#")
+    r = run_in_process("sample.py", f"--out_dir={trained.out_dir}", "--start=ROMEO: 🙂#")
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.startswith("error: characters not in the vocabulary: '#🙂'")
 
 
 def test_missing_checkpoint_gives_the_command(tmp_path):
-    r = run_script("sample.py", f"--out_dir={tmp_path / 'none'}")
+    r = run_in_process("sample.py", f"--out_dir={tmp_path / 'none'}")
     assert r.returncode == 1 and r.stderr.count("\n") == 1
     assert "python train.py config/train_shakespeare_char.py" in r.stderr
 
@@ -141,7 +141,7 @@ def test_the_cards_two_commands_work_together(tiny_data, tmp_path):
 
 
 def test_no_checkpoint_anywhere_names_the_command(tmp_path):
-    r = run_script("sample.py", cwd=str(tmp_path))
+    r = run_in_process("sample.py", cwd=str(tmp_path))
     assert r.returncode == 1 and r.stderr.count("\n") == 1
     assert "no checkpoint in any folder under" in r.stderr and "python train.py config/train_shakespeare_char.py" in r.stderr
 

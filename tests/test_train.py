@@ -14,7 +14,7 @@ import device
 import model as model_module
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from configurator import ConfigError, UserError
-from helpers import TINY_TEXT, run_script
+from helpers import TINY_TEXT, run_in_process, run_script
 from model import GPT, GPTConfig
 from prepare_shakespeare import prepare, prepare_dataset
 from train import TrainBatches, TrainConfig, get_lr, main, train, train_step
@@ -145,7 +145,7 @@ def test_train_script_prepares_and_trains(tiny_data, tmp_path):
 
 
 def test_train_script_missing_dataset_gives_command(tmp_path):
-    r = run_script("train.py", "--dataset=mytext", f"--data_dir={tmp_path}", f"--out_dir={tmp_path / 'o'}")
+    r = run_in_process("train.py", "--dataset=mytext", f"--data_dir={tmp_path}", f"--out_dir={tmp_path / 'o'}")
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "python prepare_shakespeare.py --input YOUR_TEXT.txt --dataset mytext" in r.stderr
 

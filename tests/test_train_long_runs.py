@@ -52,11 +52,12 @@ def test_resume_is_bit_identical(tiny_cfg):
     assert_same_weights(os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(straight.out_dir, "ckpt.pt"))
 
 
-def test_interrupted_three_times_equals_uninterrupted(tiny_cfg):
-    cfg = dataclasses.replace(tiny_cfg, always_save_checkpoint=True, dropout=0.1, max_iters=300,
-                              lr_decay_iters=300, eval_interval=25, eval_iters=2)
+def test_interrupted_twice_equals_uninterrupted(tiny_cfg):
+    """SIGTERM, then SIGINT on the resumed run, then a resume of that resume to the end."""
+    cfg = dataclasses.replace(tiny_cfg, always_save_checkpoint=True, dropout=0.1, max_iters=150,
+                              lr_decay_iters=150, eval_interval=25, eval_iters=2)
     stops = []
-    for attempt in range(3):
+    for attempt in range(2):
         proc = start_training(cfg, *(["--init_from=resume"] if attempt else []))
         seen = wait_for_line(proc, f"step {25 * (attempt + 1)}:")  # interrupt mid-run, after some progress
         proc.send_signal(signal.SIGINT if attempt % 2 else signal.SIGTERM)
@@ -64,7 +65,7 @@ def test_interrupted_three_times_equals_uninterrupted(tiny_cfg):
         assert seen and proc.returncode == 1, err
         assert err.strip().splitlines()[-1].startswith("error: stopped by SIG") and "Traceback" not in err
         stops.append(load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))["iter_num"])
-    assert stops == sorted(stops) and stops[-1] < 300
+    assert stops == sorted(stops) and stops[-1] < 150
     proc = start_training(cfg, "--init_from=resume")
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
@@ -73,7 +74,7 @@ def test_interrupted_three_times_equals_uninterrupted(tiny_cfg):
     assert_same_weights(os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(straight.out_dir, "ckpt.pt"))
     with open(os.path.join(cfg.out_dir, "metrics.csv")) as f:
         rows = [r for r in csv.DictReader(f) if r["kind"] == "log"]
-    assert [int(r["iter"]) for r in rows] == list(range(10, 301, 10))  # no gaps, no repeats
+    assert [int(r["iter"]) for r in rows] == list(range(10, 151, 10))  # no gaps, no repeats
 
 
 def test_kill_9_during_saves_never_leaves_a_broken_checkpoint_or_leftovers(tiny_cfg):
@@ -98,9 +99,9 @@ def test_kill_9_during_saves_never_leaves_a_broken_checkpoint_or_leftovers(tiny_
         landed += os.path.exists(tmp)
         if os.path.exists(path):
             assert load_checkpoint(path)["iter_num"] >= 1  # the old checkpoint or the new one, never half
-        if landed == 3:
+        if landed == 2:
             break
-    assert landed == 3, f"only {landed} of {attempt + 1} kills landed during a save"
+    assert landed == 2, f"only {landed} of {attempt + 1} kills landed during a save"
     assert len([f for f in os.listdir(cfg.out_dir) if f.startswith("ckpt.pt.tmp")]) >= 1
     done = load_checkpoint(path)["iter_num"] + 2
     r = subprocess.run([sys.executable, os.path.join(REPO, "train.py"), *cli_args(cfg), "--init_from=resume",
