@@ -208,10 +208,11 @@ def test_bad_input_gets_one_line_and_changes_nothing(world, monkeypatch, capsys,
     ("train.py", ["--batch_size=0"], "error: batch_size must be positive"),
     ("sample.py", ["--out_dir=nowhere"], "error: no checkpoint at nowhere/ckpt.pt"),
     ("prepare_shakespeare.py", ["--inptu=x.txt"], "error: unrecognized arguments: --inptu=x.txt; see python"),
+    ("bench.py", ["--steps=0"], "error: steps must be positive"),
 ])
 def test_bad_input_is_one_line_without_traceback(tiny_data, tmp_path, script, args, message):
     """The sweep above as real commands, one per script: `python SCRIPT` reaches run_main too."""
-    common = {"train.py": [f"--data_dir={tiny_data}", "--dataset=tiny"], "sample.py": [],
+    common = {"train.py": [f"--data_dir={tiny_data}", "--dataset=tiny"], "sample.py": [], "bench.py": [],
               "prepare_shakespeare.py": ["--data_dir", str(tiny_data)]}[script]
     before = sorted(p for p in tmp_path.rglob("*"))
     r = run_script(script, *args, *common, cwd=str(tmp_path))
