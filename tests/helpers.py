@@ -60,14 +60,14 @@ def run_script(*args, cwd=REPO):
                           capture_output=True, text=True, cwd=cwd, timeout=300)
 
 
-def run_in_process(script, *args, cwd=None):
+def run_in_process(script, *args, cwd=REPO):
     """Run a script's main() in this process, as `python SCRIPT ARGS` runs it (through run_main):
     the same CompletedProcess as run_script, without the seconds a new Python spends importing torch."""
     module = importlib.import_module(os.path.splitext(script)[0])
     out, err, code, here = io.StringIO(), io.StringIO(), 0, os.getcwd()
     argv, sys.argv = sys.argv, [script, *args]
     try:
-        os.chdir(cwd or REPO)
+        os.chdir(cwd)
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             run_main(module.main)
     except SystemExit as e:

@@ -57,10 +57,10 @@ def test_interrupted_twice_equals_uninterrupted(tiny_cfg):
     cfg = dataclasses.replace(tiny_cfg, always_save_checkpoint=True, dropout=0.1, max_iters=150,
                               lr_decay_iters=150, eval_interval=25, eval_iters=2)
     stops = []
-    for attempt in range(2):
+    for attempt, sig in enumerate([signal.SIGTERM, signal.SIGINT]):
         proc = start_training(cfg, *(["--init_from=resume"] if attempt else []))
         seen = wait_for_line(proc, f"step {25 * (attempt + 1)}:")  # interrupt mid-run, after some progress
-        proc.send_signal(signal.SIGINT if attempt % 2 else signal.SIGTERM)
+        proc.send_signal(sig)
         _, err = proc.communicate(timeout=120)
         assert seen and proc.returncode == 1, err
         assert err.strip().splitlines()[-1].startswith("error: stopped by SIG") and "Traceback" not in err
