@@ -320,6 +320,32 @@ def test_muon_matches_torch_optim_muon_and_loads_its_state():
     step(theirs, b, grads)
     assert all(torch.equal(p, q) for p, q in zip(resumed, theirs))
 
+def test_muon_orthogonalises_each_part_of_a_stacked_matrix_as_a_matrix_of_its_own():
+    """c_attn stacks the query, key and value matrices: with parts={c_attn: 3} Muon updates it as
+    torch.optim.Muon updates three separate matrices (so the parts' update differs from the whole's)."""
+    from model import GPT, Muon
+    torch.manual_seed(0)
+    qkv, square = torch.nn.Parameter(torch.randn(48, 16)), torch.nn.Parameter(torch.randn(16, 16))
+    separate = [torch.nn.Parameter(t.detach().clone()) for t in (*qkv.chunk(3), square)]
+    whole = torch.nn.Parameter(qkv.detach().clone())
+    a = Muon([qkv, square], lr=3e-3, ns_dtype=torch.bfloat16, parts={qkv: 3})
+    b = torch.optim.Muon(separate, lr=3e-3, adjust_lr_fn="match_rms_adamw")
+    c = Muon([whole], lr=3e-3, ns_dtype=torch.bfloat16)
+    for _ in range(3):
+        g_qkv, g_square = torch.randn(48, 16), torch.randn(16, 16)
+        qkv.grad, square.grad, whole.grad = g_qkv.clone(), g_square.clone(), g_qkv.clone()
+        for p, g in zip(separate, (*g_qkv.chunk(3), g_square)):
+            p.grad = g.clone()
+        for opt in (a, b, c):
+            opt.step()
+    assert torch.equal(qkv, torch.cat(separate[:3])) and torch.equal(square, separate[3])
+    assert not torch.allclose(qkv, whole)
+    # the GPT hands Muon its c_attn matrices as three parts each, and nothing else
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=11))
+    muon = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu", optimizer="muon").optimizers["muon"]
+    assert set(muon.parts) == {block.attn.c_attn.weight for block in model.transformer.h}
+    assert set(muon.parts.values()) == {3}
+
 
 def test_orthogonalize_in_float32_moves_singular_values_near_one():
     from model import orthogonalize
