@@ -1,7 +1,8 @@
 # The best model we found that 2 CPU cores train in 100 seconds (README, "The CPU recipe"):
 # nanoGPT's CPU-sized model (4 layers, 4 heads, 128 wide, context 64) with rotary position
-# encodings, Muon for the matrices inside the blocks, a larger batch and learning rate, no dropout,
-# and the warmup + cosine schedule laid over a 100-second budget instead of an iteration count.
+# encodings, Muon for the matrices inside the blocks, a larger batch and learning rate, more weight
+# decay, no dropout, and a short warmup + cosine schedule laid over a 100-second budget instead of an
+# iteration count.
 # One setting for every CPU: what differs by machine is chosen at start-up, by measurement:
 # bfloat16 autocast and bf16 Newton-Schulz in Muon where bf16 matmuls are native, float32 elsewhere.
 
