@@ -449,7 +449,7 @@ class Muon(torch.optim.Optimizer):
                 ortho = orthogonalize(torch.cat([u for _, u in pairs]), group["ns_steps"], self.ns_dtype)
                 for (p, _), o in zip(pairs, ortho.split([len(u) for _, u in pairs])):
                     p.mul_(1 - lr * group["weight_decay"])  # decoupled weight decay, as AdamW
-                    p.add_(o.view_as(p), alpha=-lr * 0.2 * math.sqrt(max(shape)))
+                    p.add_(o.reshape(p.shape), alpha=-lr * 0.2 * math.sqrt(max(shape)))
 
 
 class Optimizers:

@@ -326,19 +326,21 @@ def test_muon_orthogonalises_each_part_of_a_stacked_matrix_as_a_matrix_of_its_ow
     from model import GPT, Muon
     torch.manual_seed(0)
     qkv, square = torch.nn.Parameter(torch.randn(48, 16)), torch.nn.Parameter(torch.randn(16, 16))
-    separate = [torch.nn.Parameter(t.detach().clone()) for t in (*qkv.chunk(3), square)]
+    tall = torch.nn.Parameter(torch.randn(80, 16))  # two tall parts, 40 x 16
+    separate = [torch.nn.Parameter(t.detach().clone()) for t in (*qkv.chunk(3), square, *tall.chunk(2))]
     whole = torch.nn.Parameter(qkv.detach().clone())
-    a = Muon([qkv, square], lr=3e-3, ns_dtype=torch.bfloat16, parts={qkv: 3})
+    a = Muon([qkv, square, tall], lr=3e-3, ns_dtype=torch.bfloat16, parts={qkv: 3, tall: 2})
     b = torch.optim.Muon(separate, lr=3e-3, adjust_lr_fn="match_rms_adamw")
     c = Muon([whole], lr=3e-3, ns_dtype=torch.bfloat16)
     for _ in range(3):
-        g_qkv, g_square = torch.randn(48, 16), torch.randn(16, 16)
-        qkv.grad, square.grad, whole.grad = g_qkv.clone(), g_square.clone(), g_qkv.clone()
-        for p, g in zip(separate, (*g_qkv.chunk(3), g_square)):
+        g_qkv, g_square, g_tall = torch.randn(48, 16), torch.randn(16, 16), torch.randn(80, 16)
+        qkv.grad, square.grad, tall.grad, whole.grad = g_qkv.clone(), g_square.clone(), g_tall.clone(), g_qkv.clone()
+        for p, g in zip(separate, (*g_qkv.chunk(3), g_square, *g_tall.chunk(2))):
             p.grad = g.clone()
         for opt in (a, b, c):
             opt.step()
     assert torch.equal(qkv, torch.cat(separate[:3])) and torch.equal(square, separate[3])
+    assert torch.equal(tall, torch.cat(separate[4:]))
     assert not torch.allclose(qkv, whole)
     # the GPT hands Muon its c_attn matrices as three parts each, and nothing else
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=11))
