@@ -320,6 +320,7 @@ def test_muon_matches_torch_optim_muon_and_loads_its_state():
     step(theirs, b, grads)
     assert all(torch.equal(p, q) for p, q in zip(resumed, theirs))
 
+
 def test_muon_orthogonalises_each_part_of_a_stacked_matrix_as_a_matrix_of_its_own():
     """c_attn stacks the query, key and value matrices: with parts={c_attn: 3} Muon updates it as
     torch.optim.Muon updates three separate matrices (so the parts' update differs from the whole's)."""

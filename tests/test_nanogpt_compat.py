@@ -10,7 +10,7 @@ import torch
 
 import nanogpt_reference as nano
 from configurator import ConfigError, configure
-from model import GPT, GPTConfig, Muon
+from model import GPT, GPTConfig
 from prepare_shakespeare import CharTokenizer
 from sample import SampleConfig
 from checkpoint import load_checkpoint, model_from_checkpoint, restore_training_state, save_checkpoint
@@ -128,10 +128,10 @@ def test_checkpoints_from_before_nanogpt_order_still_resume(tiny_cfg, optimizer)
     next_batch = batches(cfg, 1, seed=3)[0]
     one_step(ours, our_opt, next_batch, ours=True)
     model(*next_batch)[1].backward()  # the old optimizer objects continue as the old code would,
-    if hidden:  # but with this repo's Muon step, which orthogonalises c_attn's three matrices apart
-        qkv = {p: 3 for n, p in order if n.endswith("attn.c_attn.weight")}
-        opts["muon"], old_state = Muon(hidden, ns_dtype=torch.bfloat16, parts=qkv), opts["muon"].state_dict()
-        opts["muon"].load_state_dict(old_state)
+    if hidden:  # but with this repo's Muon step (c_attn's three matrices orthogonalised apart), from their state
+        muon = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu", optimizer="muon").optimizers["muon"]
+        muon.load_state_dict(opts["muon"].state_dict())
+        opts["muon"] = muon
     for o in opts.values():
         o.step()
     assert_same_weights(ours, model)
