@@ -232,6 +232,21 @@ def test_cpu_dropout_rate_scale_and_gradient():
     assert torch.equal(drop.eval()(torch.ones(5)), torch.ones(5))
 
 
+def test_cpu_dropout_under_torch_compile_is_nn_dropout(monkeypatch):
+    """While torch.compile traces, FastDropout hands the mask to nn.Dropout, which the compiler fuses
+    (compiling the fast mask made the GPU recipe's CPU step fail at batch 8, torch 2.13.0)."""
+    from model import FastDropout
+    x = torch.ones(4, 64, 64)
+    torch.manual_seed(0)
+    fast = FastDropout(0.25).train()(x)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    torch.manual_seed(0)
+    traced = FastDropout(0.25).train()(x)
+    torch.manual_seed(0)
+    assert torch.equal(traced, torch.nn.Dropout(0.25).train()(x))
+    assert not torch.equal(traced, fast)
+
+
 @pytest.mark.parametrize("pos_encoding", ["learned", "sinusoidal", "rope"])
 def test_position_encodings_are_causal_and_cache_exact(pos_encoding):
     model = tiny(block_size=32, pos_encoding=pos_encoding).eval()
