@@ -25,32 +25,34 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from configurator import check, configure, run_main
+from configurator import as_config_error, check, configure, run_main
 from device import (DeviceSettings, autocast_context, describe_dtype, matmul_peak_flops, newton_schulz_dtype,
                     reuse_freed_memory, select_device, select_dtype, select_sampling_dtype, synchronize, use_compile)
-from model import GPT, GPTConfig, PackedLinear, pack_linears, torch_optimizers
-from train import TrainBatches, check_model_settings, model_config, train_step
+from model import GPT, GPTConfig
+from muon import torch_optimizers
+from speedups import PackedLinear, speed_up_sampling, speed_up_training
+from train import TrainBatches, train_step
 
 
 @dataclass
 class BenchConfig(GPTConfig, DeviceSettings):
-    """The model's settings (GPTConfig, in model.py; the GPU recipe's by default), where it runs
-    (DeviceSettings, in device.py) and the benchmark's."""
+    """The benchmark's settings, then the model's (GPTConfig: the GPU recipe's by default) and where
+    it runs (DeviceSettings)."""
     not_settings: ClassVar = {"model_type": "the benchmark times the GPT"}
-    batch_size: int = 8
+    batch_size: int = 8  # sequences per training step
     compare: bool = True  # also time nanoGPT's path: float32, unfused AdamW, no KV cache
     recipe: bool = True  # also time the CPU recipe's choices: Muon and rotary positions
     steps: int = 10  # timed training steps per round
     rounds: int = 3  # rounds alternate the variants; medians are reported
     sample_tokens: int = 500  # new tokens per sampling measurement (sample.py's default)
     num_samples: int = 10  # sample.py's default: generated as one batch here, one after another by nanoGPT
-    seed: int = 1337
+    seed: int = 1337  # seeds the weights and batches
 
     def __post_init__(self):
         for key in ("batch_size", "steps", "rounds", "sample_tokens", "num_samples"):
             check(getattr(self, key) > 0, key, getattr(self, key), "positive")
         self.check_device_settings()
-        check_model_settings(self)
+        as_config_error(super().__post_init__)  # the model's settings: GPTConfig's checks
 
 
 def tensor_mb(tensors):
@@ -102,7 +104,9 @@ class Variant:
         self.pos_encoding, self.requested_dtype = pos_encoding, cfg.dtype
         self.device_type = torch.device(device).type
         torch.manual_seed(cfg.seed)
-        self.model = GPT(model_config(cfg, pos_encoding=pos_encoding)).to(device)
+        self.model = GPT(GPTConfig.from_settings(cfg, pos_encoding=pos_encoding)).to(device)
+        # every variant gets the CPU dropout mask, so that the comparison is of dtype, optimizer and cache
+        speed_up_training(self.model, device, dtype)
         self.optimizer = self.model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), self.device_type, fused=fused,
                                                          optimizer=optimizer, muon_dtype=newton_schulz_dtype(device))
         adamw = torch_optimizers(self.optimizer)[-1]
@@ -134,10 +138,12 @@ class Variant:
     def sampling_model(self, batch_size):
         """The model as sample.py holds it for batch_size samples: weights stored in its sampling
         dtype, and packed for several samples (nanoGPT's sample.py: float32 on a CPU, as it is)."""
+        model = GPT(self.model.config).to(self.device)  # the plain modules, as sample.py builds them
+        model.load_state_dict(self.model.state_dict())
         if not self.use_cache:  # nanoGPT's path
-            return copy.deepcopy(self.model).eval()
+            return model.eval()
         dtype = select_sampling_dtype(self.requested_dtype, self.device, batch_size)
-        model = pack_linears(copy.deepcopy(self.model).eval().to(dtype=getattr(torch, dtype)), batch_size)
+        model = speed_up_sampling(model.eval().to(dtype=getattr(torch, dtype)), self.device, batch_size)
         self.packed = self.packed or any(isinstance(m, PackedLinear) for m in model.modules())
         return model
 

@@ -8,13 +8,15 @@ import glob
 import os
 import sys
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, fields
 
 import torch
 
 from configurator import ConfigError, UserError, first_line
-from model import GPTConfig, build_model, torch_optimizers
-from prepare_shakespeare import CharTokenizer, write_atomic
+from files import write_atomic
+from model import GPTConfig, build_model
+from muon import torch_optimizers
+from prepare_shakespeare import CharTokenizer
 
 CKPT_NAME, RESUME_NAME = "ckpt.pt", "resume.pt"  # in out_dir: the best model; a stopped run's newer state
 MODEL_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout")  # nanoGPT's
@@ -41,6 +43,9 @@ def save_checkpoint(checkpoint, path):
         write_atomic(path, lambda f: torch.save(checkpoint, f))
     except OSError as e:
         raise CheckpointError(f"could not write {path}: {e.strerror}; the previous checkpoint is untouched") from e
+    stopped = os.path.join(os.path.dirname(path), RESUME_NAME)
+    if os.path.basename(path) == CKPT_NAME and os.path.exists(stopped):
+        os.remove(stopped)  # ckpt.pt is now newer than a stopped run's state: resume continues from it
 
 
 def load_checkpoint(path, device="cpu", hint=""):
@@ -62,13 +67,12 @@ def load_checkpoint(path, device="cpu", hint=""):
 # The model and its vocabulary
 
 def model_args(config):
-    """A checkpoint's model_args: nanoGPT's keys, plus model_type and pos_encoding where they are
-    not the GPT's defaults, so that nanoGPT can load the checkpoints of the models it has."""
+    """A checkpoint's model_args: nanoGPT's keys, plus our other settings where they are not the
+    defaults (the lecture's GPT), so that nanoGPT can load the checkpoints of the models it has."""
     args = {k: getattr(config, k) for k in MODEL_ARGS}
-    default = GPTConfig()
-    for k in ("model_type", "pos_encoding"):
-        if getattr(config, k) != getattr(default, k):
-            args[k] = getattr(config, k)
+    for f in fields(GPTConfig):
+        if f.name not in MODEL_ARGS and getattr(config, f.name) != f.default:
+            args[f.name] = getattr(config, f.name)
     return args
 
 
@@ -140,24 +144,13 @@ def resume_path(out_dir):
     return best
 
 
-# A run's state, for --init_from=resume
-
-@dataclass
-class Progress:
-    """Where a run is, besides its weights and optimizer state."""
-    iter_num: int = 0
-    best_val_loss: float = float("inf")
-    train_seconds: float = 0.0  # time in training steps, evals excluded: what max_seconds budgets
-    # the budget the learning rate schedule is laid over: the first run's max_seconds, so that a
-    # resumed run with a larger budget goes on at min_lr instead of rewinding the schedule
-    schedule_seconds: float = 0.0
-
+# Resuming a run
 
 # What a resumed run must share with the run it continues; the rest (max_iters, max_seconds, eval and
 # log settings, device, dtype, compile, wandb) may change. Changing these makes another run: fine-tune.
-RESUME_FIXED = ("dataset", "batch_size", "block_size", "gradient_accumulation_steps", "model_type", "pos_encoding",
-                "n_layer", "n_head", "n_embd", "bias", "dropout", "optimizer", "learning_rate", "min_lr",
-                "warmup_iters", "lr_decay_iters", "decay_lr", "weight_decay", "beta1", "beta2", "grad_clip", "seed")
+RESUME_FIXED = ("dataset", "batch_size", "gradient_accumulation_steps", "optimizer", "learning_rate", "min_lr",
+                "warmup_iters", "lr_decay_iters", "decay_lr", "weight_decay", "beta1", "beta2", "grad_clip",
+                "seed") + tuple(f.name for f in fields(GPTConfig) if f.name != "vocab_size")
 
 
 def check_resume_settings(cfg, saved, path):
@@ -252,7 +245,7 @@ def restore_rng(saved, data_rng, device, rank=0):
 
 
 def restore_training_state(checkpoint, model, optimizer, scaler, data_rng, device, rank=0):
-    """Load the optimizer, scaler and random state a checkpoint holds; return its Progress."""
+    """Load the optimizer, scaler and random state a checkpoint holds."""
     state = checkpoint.get("optimizer")
     if not state:
         raise CheckpointError("the checkpoint holds weights only, no optimizer state, so it can't be resumed; "
@@ -267,6 +260,3 @@ def restore_training_state(checkpoint, model, optimizer, scaler, data_rng, devic
     restore_rng(checkpoint.get("rng"), data_rng, device, rank)
     if scaler.is_enabled() and checkpoint.get("scaler"):  # empty when the run that saved it had no scaler
         scaler.load_state_dict(checkpoint["scaler"])
-    schedule = checkpoint.get("schedule_seconds", checkpoint.get("config", {}).get("max_seconds", 0.0))
-    return Progress(checkpoint["iter_num"], float(checkpoint["best_val_loss"]), checkpoint.get("train_seconds", 0.0),
-                    schedule)

@@ -29,7 +29,11 @@ class ConfigError(UserError):
 
 
 def configure(config_class, argv):
-    """Return config_class() updated by the config files and --key=value overrides in argv."""
+    """Return config_class() updated by the config files and --key=value overrides in argv.
+    --help (or -h) prints every setting instead, and exits."""
+    if "--help" in argv or "-h" in argv:
+        print(help_text(config_class))
+        raise SystemExit(0)
     fields = {f.name: f for f in dataclasses.fields(config_class)}
     values = {}
     for arg in argv:
@@ -44,6 +48,58 @@ def configure(config_class, argv):
                 _check_known(key, fields, f"'{key}' in {arg}", config_class)
                 values[key] = _coerce(key, value, fields[key].type, arg)
     return config_class(**values)
+
+
+def help_text(config_class):
+    """Usage, then each setting with its default, type and meaning, read from the dataclasses that
+    declare them (the comment on a field's line is its meaning; a comment line above opens a group)."""
+    script = os.path.basename(sys.argv[0]) or "script.py"
+    lines = [f"usage: python {script} [CONFIG.py ...] [--key=value ...]", "",
+             " ".join((config_class.__doc__ or "").strip().split("\n\n")[0].split()),
+             "Config files (Python files that assign settings) apply first, then --key=value overrides, "
+             "in order;", "values are Python literals (3e-4, True, None), anything else is a string.", ""]
+    fields = {f.name: f for f in dataclasses.fields(config_class)}
+    skip = getattr(config_class, "not_settings", {})
+    shown = set()
+    for klass in config_class.__mro__:
+        if not dataclasses.is_dataclass(klass) or klass is object:
+            continue
+        rows = []
+        for name, text in _commented_fields(klass):
+            if name is None:
+                rows.append(f"  {text}:")
+            elif name in fields and name not in skip and name not in shown:
+                shown.add(name)
+                f = fields[name]
+                setting = f"--{name}={f.default}"
+                kind = getattr(f.type, "__name__", str(f.type))
+                rows.append(f"    {setting:<34} {kind:<11} {text}")
+        if any(not r.endswith(":") for r in rows):
+            lines += [f"{klass.__name__} ({klass.__module__}.py):"] + rows + [""]
+    return "\n".join(lines).rstrip()
+
+
+def _commented_fields(klass):
+    """(field name, its comment) for each field a dataclass declares, in order, and (None, text) for
+    a comment line of its own among them."""
+    import inspect
+    import re
+    try:
+        source = inspect.getsource(klass)
+    except (OSError, TypeError):
+        return [(f.name, "") for f in dataclasses.fields(klass)]
+    own = set(klass.__dict__.get("__annotations__", {}))
+    found = []
+    for line in source.splitlines()[1:]:
+        field = re.match(r"^    (\w+)\s*:[^#]*?(?:#\s*(.*))?$", line)
+        group = re.match(r"^    #\s*(.+)$", line)
+        if field and field.group(1) in own:
+            found.append((field.group(1), (field.group(2) or "").strip()))
+        elif group and found is not None:
+            found.append((None, group.group(1).strip()))
+        elif re.match(r"^    (def|@)", line):
+            break
+    return found
 
 
 def read_config_file(path):
@@ -108,6 +164,15 @@ def check(ok, key, value, allowed):
     """For a config's __post_init__: one line naming the setting, its value and what is allowed."""
     if not ok:
         raise ConfigError(f"{key} must be {allowed}, got {value!r}")
+
+
+def as_config_error(checks):
+    """Run checks() that raise ValueError (those of a class that stands alone, such as GPTConfig in
+    model.py) as a config's checks: one-line ConfigErrors."""
+    try:
+        checks()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def check_choice(key, value, allowed):

@@ -94,12 +94,10 @@ def matmul_peak_flops(device, dtype, n=None, repeats=3):
 
 @functools.lru_cache(maxsize=None)
 def cpu_bf16_speedup(n=256, min_rounds=5, min_seconds=0.05):
-    """How many times faster a 256 x 256 bfloat16 matmul runs than a float32 one on this CPU. CPUs
-    with native bf16 (AVX512-BF16, AMX, ARM's BF16) give 1.5-4x; elsewhere bf16 is emulated and
-    about 100x slower. Measuring works on every OS and architecture (no CPU flag names to know)
-    and costs about 50 ms, 100-150 where bf16 is emulated. The two are timed in turns (at least 5
-    rounds and 50 ms), the best of each, so that a moment's slowness of a shared machine cannot
-    decide: timed one after the other, best of 3, a 2-core EPYC with native bf16 once gave 0.97x."""
+    """How many times faster a 256 x 256 bfloat16 matmul runs than a float32 one on this CPU: above 1
+    with native bf16 (AVX512-BF16, AMX, ARM's BF16), far below where bf16 is emulated. Measuring
+    works on every OS and architecture, with no CPU flag names to know. The two are timed in turns,
+    the best of each, so that a moment's slowness of a shared machine cannot decide."""
     gen = torch.Generator().manual_seed(0)  # its own: the global generator must not move
     a = torch.randn(n, n, generator=gen)
     operands = [a, a.bfloat16()]
@@ -151,7 +149,7 @@ def select_sampling_dtype(requested, device, batch_size):
     """The dtype sample.py stores the weights in. As select_dtype, except one stream on a CPU, which
     gets bfloat16 even where bf16 matmuls are emulated: a single token's matrix-vector products are
     bound by reading the weights, and PyTorch's own bf16 kernels for them are fast on every CPU, so
-    half the bytes make each token about twice as fast (measured, README's Performance)."""
+    half the bytes make each token faster."""
     if requested == "auto" and batch_size == 1 and torch.device(device).type == "cpu":
         return "bfloat16"
     return select_dtype(requested, device)
@@ -174,9 +172,9 @@ def reuse_freed_memory(device):
     next tensors.
     By default glibc gives each large allocation (always those over 32 MB) pages of its own, fresh from
     the kernel, and returns them when the tensor is freed; each new tensor then faults in all its pages.
-    A training step on a CPU allocates and frees large activations over and over: for the GPU recipe
-    (its (B, nh, T, T) attention weights are 50 MB a layer) this makes train.py's step 1.75x faster on
-    2 cores (5.0 vs 8.9 s; README, Performance). The cost: the process keeps its peak memory to the end.
+    A training step on a CPU allocates and frees large activations (the (B, nh, T, T) attention
+    weights) over and over, and page faults then cost as much as the maths. The cost: the process
+    keeps its peak memory to the end.
     Returns whether it took effect (elsewhere, GPUs, macOS, Windows, musl, nothing changes)."""
     if torch.device(device).type != "cpu" or not sys.platform.startswith("linux"):
         return False
@@ -196,8 +194,7 @@ def autocast_context(device, dtype):
 
 
 def use_compile(setting, device):
-    """compile='auto' compiles on CUDA only. On CPU (and MPS) it made the step slower, measured with bench.py:
-    about 980 vs 600 ms a step for the GPU recipe's model at batch 8 in bf16 on CPU (README, Performance)."""
+    """compile='auto' compiles on CUDA only: on CPU it made bench.py's training step slower."""
     return torch.device(device).type == "cuda" if setting == "auto" else setting
 
 
@@ -259,11 +256,6 @@ def end_processes(failed=False):
 
 
 # The functions below are collective: every process must call them, at the same point.
-
-def barrier(procs):
-    if procs.world_size > 1:
-        torch.distributed.barrier()
-
 
 def any_process(flag, procs, device):
     """True if flag is True in any process."""

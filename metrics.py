@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, fields
 from tqdm import tqdm
 
 from configurator import UserError, check, configure, first_line, run_main
-from prepare_shakespeare import write_atomic
+from files import write_atomic
 
 
 def record_config(cfg, out_dir):

@@ -1,24 +1,18 @@
 """
-A GPT language model in one file, following Karpathy's "Let's build GPT" lecture and nanoGPT.
-
-Read it top to bottom: the model's settings, position encodings, attention, MLP, the transformer
-block, then the GPT that stacks blocks, trains with cross-entropy and samples text (with a key/value
-cache, so each new token costs one position of compute rather than the whole context), and the
-bigram model the lecture starts from. After the models: Muon, an optimizer for the hidden matrices,
-and last, the few speed paths for CPUs, kept apart so the model above reads as the lecture's.
-
-Parameter names match nanoGPT's, so checkpoints move between the two projects.
+A GPT language model in one file, following Karpathy's "Let's build GPT" lecture and nanoGPT: the
+settings, position encodings, attention, MLP, the transformer block, the GPT (training loss, optimizer
+groups, generation with a key/value cache), then the bigram the lecture starts from. Parameter names
+match nanoGPT's, so checkpoints move between the two. speedups.py swaps in faster modules for CPUs.
 """
 
-import inspect
 import math
-import platform
-from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+
+from muon import Muon, Optimizers
 
 
 @dataclass
@@ -26,10 +20,10 @@ class GPTConfig:
     """The model's settings, declared once: train.py's and bench.py's settings extend these."""
     block_size: int = 256  # longest context the model sees
     vocab_size: int = 65  # Tiny Shakespeare has 65 distinct characters
-    n_layer: int = 6
-    n_head: int = 6
-    n_embd: int = 384
-    dropout: float = 0.2
+    n_layer: int = 6  # transformer blocks
+    n_head: int = 6  # attention heads per block
+    n_embd: int = 384  # width of the residual stream
+    dropout: float = 0.2  # on the attention weights, the residual branches and the embeddings
     bias: bool = False  # bias in Linear and LayerNorm layers: GPT-2 had them; nanoGPT trains without
     model_type: str = "gpt"  # 'gpt', or 'bigram': the lecture's first model, a next-character lookup table
     pos_encoding: str = "learned"  # 'learned' (GPT-2, the lecture's), 'sinusoidal' (fixed) or 'rope' (rotary)
@@ -49,6 +43,11 @@ class GPTConfig:
             raise ValueError(f"pos_encoding must be 'learned', 'sinusoidal' or 'rope', got '{self.pos_encoding}'")
         if self.pos_encoding == "rope" and (self.n_embd // self.n_head) % 2:
             raise ValueError(f"rope needs an even head size, but n_embd / n_head = {self.n_embd // self.n_head}")
+
+    @classmethod
+    def from_settings(cls, settings, **changes):
+        """The model's part of a script's settings (a dataclass that extends GPTConfig), with changes."""
+        return cls(**{**{f.name: getattr(settings, f.name) for f in fields(cls)}, **changes})
 
 
 def sinusoidal_table(n_positions, dim):
@@ -86,9 +85,10 @@ class KVCache:
     for the new token reads the cached keys and values instead of recomputing the whole context.
     """
 
-    def __init__(self, config):
+    def __init__(self, config, dtype=None):
         self.config = config
-        self.k = self.v = None  # allocated on first use, in the dtype attention runs in
+        self.dtype = dtype  # None: the dtype attention runs in
+        self.k = self.v = None  # allocated on first use
         self.pos = 0  # number of positions filled; advanced by GPT.forward after all layers ran
 
     def update(self, layer, k, v):
@@ -96,8 +96,8 @@ class KVCache:
         if self.k is None:
             B, nh, _, hs = k.shape
             shape = (self.config.n_layer, B, nh, self.config.block_size, hs)
-            self.k = torch.empty(shape, device=k.device, dtype=k.dtype)
-            self.v = torch.empty(shape, device=v.device, dtype=v.dtype)
+            self.k = torch.empty(shape, device=k.device, dtype=self.dtype or k.dtype)
+            self.v = torch.empty(shape, device=v.device, dtype=self.dtype or v.dtype)
         end = self.pos + k.size(2)
         self.k[layer, :, :, self.pos:end] = k
         self.v[layer, :, :, self.pos:end] = v
@@ -110,14 +110,13 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_head = config.n_head
-        self.n_embd = config.n_embd
         # queries, keys and values for all heads in one matmul
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        # Dropout on the attention weights (some positions ignored at random), as the lecture's and
-        # nanoGPT's, and on the residual output. (FastDropout is nn.Dropout, made faster on CPUs: end of file.)
-        self.attn_dropout = FastDropout(config.dropout)
-        self.resid_dropout = FastDropout(config.dropout)
+        # dropout on the attention weights (each position ignores some others at random) and on the output
+        self.attn_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.flash = True  # PyTorch's fused attention kernel; False: the lecture's maths, written out
 
     def forward(self, x, kv_cache=None, rope=None):
         B, T, C = x.size()  # batch, time (sequence length), channels (n_embd)
@@ -130,17 +129,21 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is not None:
             if kv_cache.pos > 0 and T > 1:
                 raise ValueError("a KV cache extends one token at a time after the prompt")
-            if q.device.type == "cpu":  # a CPU speed path: attention over a cache runs several times faster
-                q, k, v = q.float(), k.float(), v.float()  # in float32 than in bf16 (120 vs 530 us, 10 x 250)
-            k, v = kv_cache.update(self.layer_idx, k, v)
+            k, v = kv_cache.update(self.layer_idx, k, v)  # all positions so far: (B, nh, T_k, hs)
+            q = q.to(k.dtype)  # the cache may hold another dtype than the weights (speedups.py)
         # The causal (lower-triangular) mask lets position t attend to positions <= t only, so the
         # model cannot peek at the token it is asked to predict. A single new token attends to all
         # cached positions, which are all in its past, so it needs no mask.
-        if q.device.type == "cpu" and q.dtype == torch.bfloat16:  # a CPU speed path (end of file)
-            y = explicit_attention(q, k, v, self.attn_dropout)
-        else:
+        if self.flash:
             dropout_p = self.attn_dropout.p if self.training else 0.0
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, dropout_p=dropout_p)
+        else:
+            T_k, hs = k.size(-2), k.size(-1)
+            mask = torch.full((T, T_k), float("-inf"), device=q.device, dtype=q.dtype).triu(T_k - T + 1)
+            # affinities (B, nh, T, T_k): mask + q @ k^T / sqrt(hs), in one baddbmm
+            att = torch.baddbmm(mask, q.flatten(0, 1), k.flatten(0, 1).mT, alpha=1.0 / math.sqrt(hs))
+            att = self.attn_dropout(F.softmax(att.view(B, self.n_head, T, T_k), dim=-1))
+            y = att @ v  # (B, nh, T, hs): a weighted average of the values each position attends to
         y = y.to(x.dtype).transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
@@ -152,7 +155,7 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.gelu = nn.GELU()
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
-        self.dropout = FastDropout(config.dropout)
+        self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
         return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
@@ -181,21 +184,19 @@ class GPT(nn.Module):
         self.config = config
         # Attention alone does not know where a token is; the position encoding tells it.
         # 'learned': a trained vector per position (wpe), added to the token's. nanoGPT's order of
-        # modules (wte, wpe, drop, h, ln_f) is kept: optimizer states are matched to parameters by
-        # position, so the same order lets either project resume the other's checkpoints.
+        # modules is kept: optimizer states are matched to parameters by position.
         learned = config.pos_encoding == "learned"
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embedding
             **({"wpe": nn.Embedding(config.block_size, config.n_embd)} if learned else {}),
-            drop=FastDropout(config.dropout),
+            drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
         if config.pos_encoding == "sinusoidal":  # a fixed vector per position, added
-            # scaled to the token embeddings' size (std 0.02): at full size, values in [-1, 1], it
-            # drowns the tokens and training stalls (measured: 3.2 vs 1.7 loss on a tiny model)
-            table = 0.02 * sinusoidal_table(config.block_size, config.n_embd)
-            self.register_buffer("sinusoid", table, persistent=False)
+            # scaled to the token embeddings' size (std 0.02): at full size it drowns them and training stalls
+            self.register_buffer("sinusoid", 0.02 * sinusoidal_table(config.block_size, config.n_embd),
+                                 persistent=False)
         elif config.pos_encoding == "rope":  # nothing added; queries and keys are rotated in every attention layer
             cos, sin = rope_tables(config.block_size, config.n_embd // config.n_head)
             self.register_buffer("rope_cos", cos, persistent=False)
@@ -203,6 +204,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # Weight tying: the same matrix maps tokens to vectors and vectors back to token logits.
         self.transformer.wte.weight = self.lm_head.weight
+        self.kv_cache_dtype = None  # the dtype generation caches keys and values in (None: attention's)
 
         self.apply(self._init_weights)
         # GPT-2: scale the projections that write into the residual stream by 1/sqrt(2 * n_layer),
@@ -280,39 +282,30 @@ class GPT(nn.Module):
                              muon_dtype=torch.bfloat16):
         """AdamW with weight decay on matrices (2+ dimensions) only; biases and LayerNorm gains are
         not decayed. fused=None fuses it into one kernel per step where this PyTorch supports that.
-
-        optimizer='muon' trains the matrices inside the blocks with Muon (below) and the embeddings,
-        head and gains with AdamW. Muon's step sizes are matched to AdamW's, so the same learning
-        rate and schedule serve both. muon_dtype is the precision of its orthogonalisation: bfloat16
-        where the device multiplies bf16 natively, float32 where bf16 would be emulated (and slow).
-        """
-        if fused is None:
-            fused = device_type in fused_adamw_devices()
+        optimizer='muon' trains the matrices inside the blocks with Muon (muon.py), in muon_dtype,
+        and the rest with AdamW; the same learning rate and schedule serve both."""
+        if fused is None:  # PyTorch's one-kernel AdamW, on the devices that have it
+            fused = device_type in ("cuda", "cpu", "mps", "xpu")
         params = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
         in_blocks = {n for n, p in params if optimizer == "muon" and p.dim() == 2 and n.startswith("transformer.h.")}
-        hidden = [p for n, p in params if n in in_blocks]
         rest = [p for n, p in params if n not in in_blocks]
         adamw = torch.optim.AdamW([
             {"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
         ], lr=learning_rate, betas=betas, fused=fused)
-        if not hidden:  # AdamW asked for, or no hidden matrices (the bigram)
+        if not in_blocks:  # AdamW asked for, or no hidden matrices (the bigram)
             return adamw
-        qkv = {p: 3 for n, p in params if n in in_blocks and n.endswith("attn.c_attn.weight")}
-        return Optimizers(muon=Muon(hidden, lr=learning_rate, weight_decay=weight_decay, ns_dtype=muon_dtype,
-                                    parts=qkv),
-                          adamw=adamw)
+        hidden = [p for n, p in params if n in in_blocks]
+        qkv = {p: 3 for n, p in params if n in in_blocks and n.endswith("attn.c_attn.weight")}  # 3 matrices in one
+        muon = Muon(hidden, lr=learning_rate, weight_decay=weight_decay, ns_dtype=muon_dtype, parts=qkv)
+        return Optimizers(muon=muon, adamw=adamw)
 
-    @torch.inference_mode()  # no autograd bookkeeping at all: 5-10% faster per token than no_grad on CPU
+    @torch.inference_mode()  # no autograd bookkeeping at all
     def generate_tokens(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True, generator=None):
         """Yield max_new_tokens new tokens, each (B, 1), continuing the context idx (B, T).
-
-        temperature 0 picks the most likely token (greedy); top_k keeps only the k most likely.
-        With use_cache the prompt runs through the model once and each new token costs one position.
-        When the cache is full (block_size positions), it is refilled from the last half of the
-        context, so generation goes on past block_size with at least block_size // 2 of context.
-        Without the cache every step reruns the last block_size tokens, as nanoGPT does.
-        """
+        temperature 0 is greedy; top_k keeps only the k most likely. With use_cache the prompt runs
+        once and each new token costs one position; a full cache is refilled from the last half of
+        the context. Without it every step reruns the last block_size tokens, as nanoGPT does."""
         block_size = self.config.block_size
         cache = None
         for _ in range(max_new_tokens):
@@ -320,11 +313,10 @@ class GPT(nn.Module):
                 logits, _ = self(idx[:, -block_size:])
             elif cache is None or cache.pos == block_size:
                 keep = block_size if cache is None else max(block_size // 2, 1)
-                cache = KVCache(self.config)
+                cache = KVCache(self.config, self.kv_cache_dtype)
                 logits, _ = self(idx[:, -keep:], kv_cache=cache)
             else:
-                with one_token_speed_path(idx, self.lm_head.weight.dtype):
-                    logits, _ = self(idx[:, -1:], kv_cache=cache)
+                logits, _ = self(idx[:, -1:], kv_cache=cache)
             idx_next = sample_next(logits[:, -1, :], temperature, top_k, generator)
             idx = torch.cat((idx, idx_next), dim=1)
             yield idx_next
@@ -341,7 +333,7 @@ def sample_next(logits, temperature=1.0, top_k=None, generator=None):
     if temperature == 0:
         return torch.argmax(logits, dim=-1, keepdim=True)
     logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.size(-1):  # (sample.py's 200 keeps all 65 characters)
+    if top_k is not None and top_k < logits.size(-1):
         v, _ = torch.topk(logits, top_k)
         logits[logits < v[:, [-1]]] = -float("inf")
     probs = F.softmax(logits, dim=-1)
@@ -386,200 +378,3 @@ class Bigram(nn.Module):
 def build_model(config):
     """The model config.model_type names."""
     return Bigram(config) if config.model_type == "bigram" else GPT(config)
-
-
-# Muon: an optimizer for the matrices inside the blocks (optimizer='muon' in configure_optimizers)
-
-def orthogonalize(g, steps=5, dtype=torch.bfloat16, eps=1e-7):
-    """Newton-Schulz iterations that take the matrix g (or each of a stack of them, (k, m, n)) to about
-    U V^T, where g = U S V^T: every singular value moves into roughly [0.7, 1.2]. A quintic with
-    coefficients tuned by Keller Jordan for speed, not exact convergence; it needs only matmuls, so it
-    runs in whatever dtype is fastest."""
-    if g.dim() == 2:
-        return orthogonalize(g[None], steps, dtype, eps)[0]
-    a, b, c = 3.4445, -4.7750, 2.0315
-    x = g.to(dtype)
-    tall = g.size(-2) > g.size(-1)
-    if tall:  # iterate on the wide orientation: x @ x.T is then the smaller Gram matrix
-        x = x.mT
-    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)  # Frobenius bounds spectral: all singular values <= 1
-    for _ in range(steps):
-        gram = x @ x.mT
-        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # b * gram + c * gram @ gram
-        x = torch.baddbmm(x, poly, x, beta=a)  # a * x + poly @ x
-    return x.mT if tall else x
-
-
-class Muon(torch.optim.Optimizer):
-    """Muon (Keller Jordan, 2024) for 2-D weight matrices: SGD with Nesterov momentum whose update is
-    orthogonalised, so that every direction of the matrix moves by a similar amount.
-
-    The update is torch.optim.Muon's with adjust_lr_fn='match_rms_adamw' (the same learning rate as
-    AdamW, scaled by 0.2 * sqrt(max dimension)), with three differences: torch runs Newton-Schulz in
-    bfloat16 on every device, 100x slower than float32 on CPUs without bf16 instructions, where
-    ns_dtype picks the precision; matrices of the same shape are orthogonalised together, as one
-    batch of matmuls (on 2 CPU cores, 40% faster than one by one); and `parts` names matrices that are
-    several stacked by rows, such as c_attn (queries, keys and values, fused for speed only): each part
-    is orthogonalised, and scaled, as a matrix of its own. Their state dicts load in each other.
-    """
-
-    def __init__(self, params, lr=1e-3, weight_decay=0.1, momentum=0.95, ns_steps=5, ns_dtype=torch.bfloat16,
-                 parts=None):
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, ns_steps=ns_steps))
-        self.ns_dtype = ns_dtype  # not a group setting: a checkpoint from another machine must not bring its own
-        self.parts = parts or {}  # {parameter: how many matrices it stacks}; 1 for any other
-
-    @torch.no_grad()
-    def step(self):
-        for group in self.param_groups:
-            lr, momentum = group["lr"], group["momentum"]
-            same_shape = {}  # shape of a matrix -> [(parameter, its update before orthogonalisation)]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                buf = state["momentum_buffer"]
-                buf.lerp_(p.grad, 1 - momentum)  # an exponential moving average of the gradients
-                update = p.grad.lerp(buf, momentum)  # Nesterov: look ahead along the average
-                update = update.view(self.parts.get(p, 1), -1, p.size(-1))  # (parts, rows of a part, columns)
-                same_shape.setdefault(update.shape[1:], []).append((p, update))
-            for shape, pairs in same_shape.items():
-                ortho = orthogonalize(torch.cat([u for _, u in pairs]), group["ns_steps"], self.ns_dtype)
-                for (p, _), o in zip(pairs, ortho.split([len(u) for _, u in pairs])):
-                    p.mul_(1 - lr * group["weight_decay"])  # decoupled weight decay, as AdamW
-                    p.add_(o.reshape(p.shape), alpha=-lr * 0.2 * math.sqrt(max(shape)))
-
-
-class Optimizers:
-    """Several optimizers stepped as one (Muon for hidden matrices, AdamW for the rest)."""
-
-    def __init__(self, **optimizers):
-        self.optimizers = optimizers
-
-    @property
-    def param_groups(self):
-        return [g for opt in self.optimizers.values() for g in opt.param_groups]
-
-    def step(self):
-        for opt in self.optimizers.values():
-            opt.step()
-
-    def zero_grad(self, set_to_none=True):
-        for opt in self.optimizers.values():
-            opt.zero_grad(set_to_none=set_to_none)
-
-    def state_dict(self):
-        return {name: opt.state_dict() for name, opt in self.optimizers.items()}
-
-    def load_state_dict(self, state):
-        for name, opt in self.optimizers.items():
-            opt.load_state_dict(state[name])
-
-
-def torch_optimizers(optimizer):
-    """The torch optimizers in what configure_optimizers returned: AdamW alone, or Muon's and AdamW's."""
-    return list(optimizer.optimizers.values()) if isinstance(optimizer, Optimizers) else [optimizer]
-
-
-def fused_adamw_devices():
-    """Device types with a fused AdamW kernel in this PyTorch (CPU since 2.4, CUDA, MPS ...)."""
-    if "fused" not in inspect.signature(torch.optim.AdamW).parameters:
-        return ()
-    try:
-        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
-        return tuple(_get_fused_kernels_supported_devices())
-    except ImportError:  # private helper moved: CUDA has had fused AdamW since 2.0
-        return ("cuda",)
-
-
-# Speed paths for CPUs: same results as the plain PyTorch above, faster on a CPU
-
-class FastDropout(nn.Dropout):
-    """nn.Dropout, made faster on CPUs, where bernoulli_ (nn.Dropout's mask) or a torch.rand float per
-    element cost 10% of a training step and more: here each element gets 16 random bits, four from one
-    int64 draw, and is kept if they are at least round(p * 2^16), as uniform 16-bit numbers: the drop
-    rate is p to within 2^-17. 2.4x faster than torch.rand (78 vs 186 ms for the GPU recipe's
-    attention weights, (64, 6, 256, 256), on 2 cores)."""
-
-    def forward(self, x):
-        # under torch.compile, nn.Dropout's mask, which the compiler fuses: with this one the compiled
-        # CPU training step of the GPU recipe's model failed at batch 8 (a garbage view shape, torch 2.13.0)
-        if not self.training or self.p == 0.0 or x.device.type != "cpu" or torch.compiler.is_compiling():
-            return super().forward(x)
-        n = x.numel()
-        # (n + 3) // 4 int64s, all 64 bits random: random_() alone would leave the sign bit 0
-        bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-2 ** 63, None)
-        bits = bits.view(torch.int16)[:n].view(x.shape)  # uniform in [-2^15, 2^15)
-        keep = bits >= round(self.p * 2 ** 16) - 2 ** 15  # probability 1 - p
-        return x * (keep.to(x.dtype) * (1.0 / (1.0 - self.p)))
-
-
-def explicit_attention(q, k, v, dropout=None):
-    """Causal softmax(q k^T / sqrt(hs)) v written out, as in the lecture, with dropout (a module) on
-    the attention weights. On CPUs in bfloat16 this runs about twice as fast as
-    scaled_dot_product_attention's CPU kernel for training."""
-    B, nh, T, hs = q.shape
-    T_k = k.size(-2)
-    # -inf above the diagonal: position t attends to 0..t only (a single new token sees all of its past)
-    mask = torch.full((T, T_k), float("-inf"), device=q.device, dtype=q.dtype).triu(T_k - T + 1)
-    # (B, nh, T, T_k) affinities: scaled, masked and multiplied in one baddbmm (mask + scale * q @ k^T)
-    att = torch.baddbmm(mask, q.reshape(B * nh, T, hs), k.reshape(B * nh, T_k, hs).mT, alpha=1.0 / math.sqrt(hs))
-    att = F.softmax(att.view(B, nh, T, T_k), dim=-1)
-    if dropout is not None:
-        att = dropout(att)
-    return att @ v  # (B, nh, T, hs)
-
-
-@contextmanager
-def one_token_speed_path(idx, weight_dtype):
-    """For the forward of one new token of one sequence on a CPU, with bfloat16 weights: PyTorch's own
-    matrix-vector kernels, not oneDNN's, which it picks otherwise and which cost twice the time for a
-    single row (2.4 vs 4.7 ms per token for the GPU recipe's model on an AVX512-BF16 CPU, measured)."""
-    if idx.device.type != "cpu" or idx.size(0) != 1 or weight_dtype != torch.bfloat16:
-        yield
-        return
-    before = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = False
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.enabled = before
-
-
-class PackedLinear(nn.Module):
-    """An nn.Linear for inference on an x86 CPU, its weight reordered once into oneDNN's blocked layout.
-    F.linear lays the weight out anew at every call, which for the few rows of a step that samples
-    several sequences costs as much as the product itself."""
-
-    def __init__(self, linear, rows):
-        super().__init__()
-        # rows: how many rows the inputs will mostly have, for oneDNN to pick the layout (any number works)
-        self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), batch_size=rows))
-        self.bias = linear.bias
-
-    def forward(self, x):
-        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-
-
-def pack_linears(model, batch_size):
-    """For sampling batch_size > 1 sequences at once on an x86 CPU: every nn.Linear becomes a
-    PackedLinear. 10 samples of 300 characters from the GPU recipe's model then take 12% less time
-    where bf16 is native, 27% less where only AVX2 float32 is fast (README, Performance). Left as it
-    is for one sequence (PyTorch's matrix-vector kernels are faster there, see one_token_speed_path),
-    on other CPUs (not measured), and where oneDNN cannot pack the dtype (bf16 without AVX512). The
-    weights must not change afterwards: this is for generation only."""
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    x86 = platform.machine().lower() in ("x86_64", "amd64")
-    if (batch_size == 1 or not x86 or not torch.backends.mkldnn.is_available()
-            or any(m.weight.device.type != "cpu" for _, m in linears)):
-        return model
-    try:
-        packed = [(n, PackedLinear(m, batch_size)) for n, m in linears]
-    except (RuntimeError, AttributeError):  # "bf16 path needs the cpu support avx512bw ...", or a PyTorch
-        return model  # without these (private) oneDNN ops
-    for name, module in packed:
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, module)
-    return model

@@ -6,8 +6,7 @@ Prepare a character-level dataset: Tiny Shakespeare by default, or any UTF-8 tex
 
 writes data/<dataset>/{input.txt, train.bin, val.bin, meta.pkl}: the first 90% of the characters
 are train, the rest val, as uint16 token ids; meta.pkl holds vocab_size, stoi and itos as nanoGPT's.
-This file is also the home of the character tokenizer (CharTokenizer) and of writing files safely
-(write_atomic, remove_leftovers), which checkpoint.py and metrics.py use too.
+This file is also the home of the character tokenizer (CharTokenizer).
 """
 
 import argparse
@@ -21,6 +20,7 @@ import requests
 from tqdm import tqdm
 
 from configurator import ConfigError, UserError, check, run_main
+from files import dead_leftovers, remove_leftovers, write_atomic
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -151,37 +151,6 @@ def read_text(path):
     return text
 
 
-def write_atomic(path, write):
-    """Call write(f) on a temporary file beside path (a name no other process uses), flush it to disk,
-    then rename it over path: a crash at any moment leaves the old file or the new one, never half."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
-            fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_DIRECTORY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def dead_leftovers(folder, prefix):
-    """Names in folder of the form prefix + 'tmp' + PID (+ anything) whose process PID is gone."""
-    names = []
-    for name in os.listdir(folder) if os.path.isdir(folder) else []:
-        pid = name[len(prefix) + 3:].split(".")[0] if name.startswith(prefix + "tmp") else ""
-        if pid.isdigit() and not process_alive(int(pid)):
-            names.append(name)
-    return names
-
-
 def restore_interrupted_swap(folder, name):
     """A prepare killed between its two renames left no folder `name`, and the previous set in
     .name.tmpPID.old: put it back, before leftovers are removed."""
@@ -189,28 +158,6 @@ def restore_interrupted_swap(folder, name):
     old_sets = [n for n in dead_leftovers(folder, f".{name}.") if n.endswith(".old")]
     if old_sets and not os.path.exists(target):
         os.rename(os.path.join(folder, old_sets[0]), target)
-
-
-def remove_leftovers(folder, prefix):
-    """Remove what killed processes left in folder (see dead_leftovers)."""
-    for name in dead_leftovers(folder, prefix):
-        path = os.path.join(folder, name)
-        if os.path.isdir(path):
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            os.remove(path)
-
-
-def process_alive(pid):
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True  # exists (another user's), or we can't tell: leave its files alone
-    return True
 
 
 DATASET_FILES = ("train.bin", "val.bin", "meta.pkl", "input.txt")  # what prepare writes

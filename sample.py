@@ -14,19 +14,20 @@ import torch
 from checkpoint import checkpoint_tokenizer, find_checkpoint, load_checkpoint, model_from_checkpoint, refuse_gpt2_weights
 from configurator import ConfigError, UserError, check, configure, run_main
 from device import DeviceSettings, out_of_memory_in_one_line, select_device, select_sampling_dtype, use_compile
-from model import pack_linears
+from speedups import speed_up_sampling
 
 
 @dataclass
-class SampleConfig(DeviceSettings):  # device, dtype, compile: see device.py
+class SampleConfig(DeviceSettings):
+    """The sampling settings, then where it runs (DeviceSettings)."""
     init_from: str = "resume"  # as nanoGPT's: sample out_dir's checkpoint (GPT-2 weights are not supported)
     out_dir: str | None = None  # None: the most recently written */ckpt.pt under the current folder
     start: str = "\n"  # the prompt, or FILE:path to read it from a file
-    num_samples: int = 10
-    max_new_tokens: int = 500
+    num_samples: int = 10  # samples to print (made together, as one batch); 1 streams as it is made
+    max_new_tokens: int = 500  # characters to generate per sample
     temperature: float = 0.8  # 1.0 samples the model's distribution, < 1 is more conservative, 0 is greedy
     top_k: int | None = 200  # keep only the top_k most likely characters (None: all)
-    seed: int = 1337
+    seed: int = 1337  # the same seed makes the same text
     data_dir: str = "data"  # where nanoGPT's checkpoints (which hold no vocabulary) find their meta.pkl
 
     def __post_init__(self):
@@ -81,7 +82,7 @@ def sample(cfg, out=sys.stdout):
     if use_compile(cfg.compile, device):
         model.forward = torch.compile(model.forward, dynamic=True)  # generate() calls forward
     else:
-        pack_linears(model, cfg.num_samples)  # several samples on a CPU: weights laid out once, for speed
+        speed_up_sampling(model, device, cfg.num_samples)
     prompt = read_start(cfg.start)
     idx = torch.tensor([tok.encode(prompt)], dtype=torch.long, device=device)
     if cfg.num_samples == 1:  # stream it, character by character

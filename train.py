@@ -9,7 +9,6 @@ Any setting can be overridden with --key=value. Read train() at the bottom first
 helpers above it do one thing each; device.py, checkpoint.py and metrics.py hold the plumbing.
 """
 
-import functools
 import inspect
 import math
 import os
@@ -22,78 +21,65 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from checkpoint import (CKPT_NAME, RESUME_NAME, CheckpointError, Progress, capture_rng, check_resume_settings,
+from checkpoint import (CKPT_NAME, RESUME_NAME, CheckpointError, capture_rng, check_resume_settings,
                         load_checkpoint, model_from_checkpoint, refuse_gpt2_weights, restore_training_state,
                         resume_path, same_vocabulary, save_checkpoint, training_checkpoint)
-from configurator import ConfigError, UserError, check, check_choice, configure, run_main
+from configurator import ConfigError, UserError, as_config_error, check, check_choice, configure, run_main
 from device import (DeviceSettings, Processes, any_process, autocast_context, check_replicas_agree,
                     describe_dtype, end_processes, from_rank0, gather_from_all, matmul_peak_flops,
                     newton_schulz_dtype, on_rank0, out_of_memory_in_one_line, reuse_freed_memory, select_dtype,
                     start_processes, use_compile)
+from files import remove_leftovers
 from metrics import TrainingLog, plot_metrics, record_config, start_wandb
 from model import GPTConfig, build_model
-from prepare_shakespeare import (DEFAULT_DATASET, CharTokenizer, check_dataset_name, prepare_dataset,
-                                 remove_leftovers)
-
-
-def check_model_settings(settings):
-    """GPTConfig's own checks, as one-line ConfigErrors (model.py stands alone: it raises ValueError)."""
-    try:
-        GPTConfig.__post_init__(settings)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-
-
-def model_config(settings, **changes):
-    """The GPTConfig part of settings (a TrainConfig, a BenchConfig), with changes."""
-    return GPTConfig(**{**{f.name: getattr(settings, f.name) for f in fields(GPTConfig)}, **changes})
+from prepare_shakespeare import DEFAULT_DATASET, CharTokenizer, check_dataset_name, prepare_dataset
+from speedups import speed_up_training
 
 
 @dataclass
 class TrainConfig(GPTConfig, DeviceSettings):
-    """The recipe's settings, the model's (GPTConfig, in model.py: n_layer, n_embd, dropout, ...) and
-    where it runs (DeviceSettings, in device.py: device, dtype, compile)."""
+    """The training recipe's settings, then the model's (GPTConfig) and where it runs (DeviceSettings)."""
     not_settings: ClassVar = {"vocab_size": "it is the dataset's number of characters (its meta.pkl)"}
     # I/O
-    out_dir: str = "out"
-    eval_interval: int = 250
-    log_interval: int = 10
-    eval_iters: int = 200
+    out_dir: str = "out"  # where checkpoints, config.json, metrics.csv and loss.png go
+    eval_interval: int = 250  # evaluate (and save if val loss improved) every this many iterations, and at the end
+    log_interval: int = 10  # log loss, lr, ms/iter and MFU every this many iterations
+    eval_iters: int = 200  # batches per split in each evaluation (the same batches every time)
     eval_only: bool = False  # evaluate out_dir/ckpt.pt (or init_from's checkpoint) and exit
     always_save_checkpoint: bool = False  # save at every eval, not only when val loss improves
     init_from: str = "scratch"  # 'scratch', 'resume' (out_dir's newer of ckpt.pt and resume.pt), or a checkpoint / out_dir to fine-tune
     sample_interval: int = 0  # > 0: print a short sample every sample_interval iterations, to watch it learn
     plot: bool = False  # draw out_dir/loss.png from out_dir/metrics.csv at the end (needs matplotlib)
     # Weights & Biases logging, as nanoGPT's (needs pip install wandb)
-    wandb_log: bool = False
-    wandb_project: str = "gpt-char"
-    wandb_run_name: str = "run"
+    wandb_log: bool = False  # log the run to Weights & Biases (WANDB_MODE=offline logs locally)
+    wandb_project: str = "gpt-char"  # the W&B project
+    wandb_run_name: str = "run"  # the W&B run's name
     # data
-    dataset: str = DEFAULT_DATASET
-    data_dir: str = "data"
+    dataset: str = DEFAULT_DATASET  # folder under data_dir made by prepare_shakespeare.py
+    data_dir: str = "data"  # where datasets live
     gradient_accumulation_steps: int = 1  # global count, divided across torchrun processes
-    batch_size: int = 64
+    batch_size: int = 64  # sequences per micro-batch
     # optimizer: AdamW, or Muon for the matrices inside the blocks and AdamW for the rest
     optimizer: str = "adamw"  # 'adamw' or 'muon'
-    learning_rate: float = 1e-3
-    max_iters: int = 5000
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.99
+    learning_rate: float = 1e-3  # peak learning rate (Muon's steps are scaled to match AdamW's)
+    max_iters: int = 5000  # optimizer steps to run
+    weight_decay: float = 0.1  # on matrices only
+    beta1: float = 0.9  # AdamW's momentum
+    beta2: float = 0.99  # AdamW's average of squared gradients
     grad_clip: float = 1.0  # 0 disables clipping
     # learning rate schedule: linear warmup, then cosine decay to min_lr
-    decay_lr: bool = True
-    warmup_iters: int = 100
-    lr_decay_iters: int = 5000
-    min_lr: float = 1e-4
+    decay_lr: bool = True  # False: learning_rate throughout
+    warmup_iters: int = 100  # iterations of linear warmup
+    lr_decay_iters: int = 5000  # the cosine reaches min_lr here (usually max_iters)
+    min_lr: float = 1e-4  # the schedule's floor (about learning_rate / 10)
     max_seconds: float = 0.0  # > 0: stop after this much training time, the schedule laid over it
     # system (and device, dtype, compile: DeviceSettings, in device.py)
     backend: str = "auto"  # torch.distributed backend: 'auto' is nccl on CUDA, gloo elsewhere
-    seed: int = 1337
+    seed: int = 1337  # seeds the weights, dropout and batches
 
     def __post_init__(self):
         """Every setting is checked here, where it is declared: a bad value stops the run before it starts."""
-        check_model_settings(self)
+        as_config_error(super().__post_init__)  # the model's settings: GPTConfig's checks
         refuse_gpt2_weights(self.init_from)
         for key in ("batch_size", "max_iters", "eval_iters", "eval_interval", "log_interval",
                     "gradient_accumulation_steps"):
@@ -236,7 +222,7 @@ def init_model(cfg, tok, device):
     cfg = replace(cfg, vocab_size=tok.vocab_size)
     path, hint = checkpoint_to_load(cfg)
     if path is None:
-        return cfg, build_model(model_config(cfg)), None
+        return cfg, build_model(GPTConfig.from_settings(cfg)), None
     checkpoint = load_checkpoint(path, device, hint=hint)
     resuming = cfg.init_from == "resume" and not cfg.eval_only
     if resuming:
@@ -252,7 +238,8 @@ def init_model(cfg, tok, device):
 def adopt_checkpoint_model(cfg, model, resuming):
     """cfg with the checkpoint model's settings: its shape wins over the config's. Fine-tuning may
     shorten the context (cropped here) and use another dropout (set here)."""
-    shape = {k: getattr(model.config, k) for k in ("n_layer", "n_head", "n_embd", "bias", "model_type", "pos_encoding")}
+    shape = {f.name: getattr(model.config, f.name) for f in fields(GPTConfig)
+             if f.name not in ("vocab_size", "block_size", "dropout")}
     if resuming or cfg.eval_only:
         shape["block_size"] = model.config.block_size
     elif cfg.block_size < model.config.block_size:
@@ -459,19 +446,6 @@ def prepare_out_dir(cfg):
     record_config(cfg, cfg.out_dir)
 
 
-def save_run(model, optimizer, scaler, progress, cfg, tok, data_rng, device, procs, path, val_loss=None):
-    """Save the run to path. Every process calls this: each contributes its random state; rank 0 writes."""
-    rng = gather_from_all(capture_rng(data_rng, device), procs)
-
-    def write():
-        save_checkpoint(training_checkpoint(model, optimizer, scaler, progress, cfg, tok.chars, rng, val_loss), path)
-        stopped = os.path.join(cfg.out_dir, RESUME_NAME)
-        if path != stopped and os.path.exists(stopped):
-            os.remove(stopped)  # ckpt.pt is now the newer state
-
-    on_rank0(write, procs, device)  # no process leaves (or is killed by torchrun) before rank 0 has saved
-
-
 def report_start(model, cfg, tokens_per_iter, dtype, device, procs):
     print(f"parameters: {model.get_num_params() / 1e6:.2f}M | tokens per iteration: {tokens_per_iter:,} | "
           f"device: {device} | dtype: {describe_dtype(cfg.dtype, dtype, device)}"
@@ -491,6 +465,25 @@ def report_end(cfg, progress, val_full, start_iter):
             print(f"warning: {e}")
 
 
+# Where a run is
+
+@dataclass
+class Progress:
+    """Where a run is, besides its weights and optimizer state (all saved in its checkpoints)."""
+    iter_num: int = 0
+    best_val_loss: float = float("inf")
+    train_seconds: float = 0.0  # time in training steps, evals excluded: what max_seconds budgets
+    # the budget the learning rate schedule is laid over: the first run's max_seconds, so that a
+    # resumed run with a larger budget goes on at min_lr instead of rewinding the schedule
+    schedule_seconds: float = 0.0
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint):
+        schedule = checkpoint.get("schedule_seconds", checkpoint.get("config", {}).get("max_seconds", 0.0))
+        return cls(checkpoint["iter_num"], float(checkpoint["best_val_loss"]), checkpoint.get("train_seconds", 0.0),
+                   schedule)
+
+
 # The recipe
 
 def train(cfg):
@@ -503,32 +496,39 @@ def train(cfg):
     tok = load_dataset(cfg, procs, device)
     torch.manual_seed(cfg.seed + procs.rank)  # dropout differs per process
     data_rng = np.random.default_rng(cfg.seed)  # the same in every process: see TrainBatches
-    cfg, model, checkpoint = init_model(cfg, tok, device)
-    model.to(device)
+    cfg, raw_model, checkpoint = init_model(cfg, tok, device)
+    raw_model = speed_up_training(raw_model.to(device), device, dtype)
     if cfg.eval_only:
-        return evaluate_only(model, cfg, device, ctx, procs)
+        return evaluate_only(raw_model, cfg, device, ctx, procs)
 
     on_rank0(lambda: prepare_out_dir(cfg), procs, device)  # only now: a run refused above leaves nothing behind
     device_type = torch.device(device).type
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type,
-                                           optimizer=cfg.optimizer, muon_dtype=newton_schulz_dtype(device))
+    optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
+                                               device_type, optimizer=cfg.optimizer,
+                                               muon_dtype=newton_schulz_dtype(device))
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))  # float16 needs one
     progress = Progress(schedule_seconds=cfg.max_seconds)
     if cfg.init_from == "resume":
-        progress = restore_training_state(checkpoint, model, optimizer, scaler, data_rng, device, procs.rank)
+        restore_training_state(checkpoint, raw_model, optimizer, scaler, data_rng, device, procs.rank)
+        progress = Progress.from_checkpoint(checkpoint)
     checkpoint = None  # free its memory
     compiled = use_compile(cfg.compile, device)
-    step_model = prepare_model(model, compiled, device, procs)
+    model = prepare_model(raw_model, compiled, device, procs)  # raw_model: the same weights, to save and sample
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
     batches = TrainBatches(os.path.join(dataset_dir(cfg), "train.bin"), cfg.batch_size, cfg.block_size,
                            micro_steps, data_rng, device, procs)
-    # save(path, val_loss=None) writes the run's state: weights, optimizer, progress, random state
-    save = functools.partial(save_run, model, optimizer, scaler, progress, cfg, tok, data_rng, device, procs)
+
+    def save(path, val_loss=None):
+        """Write the run's state to path. Every process calls this: each adds its random state; rank 0 writes."""
+        rng = gather_from_all(capture_rng(data_rng, device), procs)
+        checkpoint = lambda: training_checkpoint(raw_model, optimizer, scaler, progress, cfg, tok.chars, rng, val_loss)
+        on_rank0(lambda: save_checkpoint(checkpoint(), path), procs, device)  # all wait for rank 0's save
+
     wandb_run = on_rank0(lambda: start_wandb(cfg) if cfg.wandb_log else None, procs, device)
     if procs.master:
-        report_start(model, cfg, tokens_per_iter, dtype, device, procs)
+        report_start(raw_model, cfg, tokens_per_iter, dtype, device, procs)
     # this process's FLOPs per iteration against its device's peak (measured in the run's dtype)
-    flops = model.flops_per_token() * tokens_per_iter / procs.world_size
+    flops = raw_model.flops_per_token() * tokens_per_iter / procs.world_size
     peak = matmul_peak_flops(device, dtype) if procs.master else 1.0
     timed = cfg.max_seconds > 0  # a time budget ends the run
     clocked = timed or progress.schedule_seconds > 0  # the step times count: for the budget, or for the lr
@@ -540,8 +540,7 @@ def train(cfg):
             # every process holds the same train_seconds (rank 0's clock), so they agree on the end
             done = progress.iter_num >= cfg.max_iters or (timed and progress.train_seconds >= cfg.max_seconds)
             if progress.iter_num % cfg.eval_interval == 0 or done:
-                # step_model: compiled and DDP-wrapped; model: the same weights, plain, for saving and sampling
-                losses = estimate_loss(step_model, cfg, device, ctx, procs)
+                losses = estimate_loss(model, cfg, device, ctx, procs)
                 log.eval(progress, losses)
                 improved = losses["val"] < progress.best_val_loss
                 progress.best_val_loss = min(progress.best_val_loss, losses["val"])
@@ -549,7 +548,7 @@ def train(cfg):
                     save(os.path.join(cfg.out_dir, CKPT_NAME), losses["val"])
                 log.restart_clock()  # evals and saves are not training time
             if cfg.sample_interval and progress.iter_num % cfg.sample_interval == 0 and procs.master:
-                log.write(f"sample at step {progress.iter_num}:\n{show_sample(model, tok, ctx, device, cfg.seed)}")
+                log.write(f"sample at step {progress.iter_num}:\n{show_sample(raw_model, tok, ctx, device, cfg.seed)}")
                 log.restart_clock()
             if done:
                 break
@@ -562,7 +561,7 @@ def train(cfg):
 
             t0 = time.perf_counter()
             lr = lr_now(progress, cfg)
-            loss = train_step(step_model, optimizer, scaler, batches.next_step(), micro_steps, ctx, cfg.grad_clip, lr)
+            loss = train_step(model, optimizer, scaler, batches.next_step(), micro_steps, ctx, cfg.grad_clip, lr)
             progress.iter_num += 1
             log_step = progress.iter_num % cfg.log_interval == 0
             if log_step or clocked:
@@ -578,8 +577,8 @@ def train(cfg):
             if log_step:
                 log.log(progress, mean_over_processes(loss, procs), lr)
 
-    check_replicas_agree(model, procs, device)
-    losses["val_full"] = whole_val_loss(model, cfg, device, ctx, procs)
+    check_replicas_agree(raw_model, procs, device)
+    losses["val_full"] = whole_val_loss(raw_model, cfg, device, ctx, procs)
     if procs.master:
         report_end(cfg, progress, losses["val_full"], start_iter)
     return losses

@@ -1,5 +1,6 @@
 # The lecture's and nanoGPT's GPU recipe: a 10.65M-parameter character-level GPT on Tiny Shakespeare.
-# nanoGPT reports a best val loss of 1.4697 over these 5000 iterations on one A100 (README, Results).
+# nanoGPT reports a best val loss of 1.4697 over these 5000 iterations on one A100; this repo's run
+# of it is in README, Results (per iteration: docs/experiments.md, "What the GPU recipe reproduces").
 
 out_dir = 'out-shakespeare-char'
 eval_interval = 250  # the model overfits this small dataset, so evaluate often

@@ -10,6 +10,7 @@ import sys
 
 import torch
 
+from checkpoint import load_checkpoint
 from configurator import run_main
 from prepare_shakespeare import prepare
 from train import TrainConfig
@@ -76,3 +77,13 @@ def run_in_process(script, *args, cwd=REPO):
         sys.argv = argv
         os.chdir(here)
     return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
+
+
+def assert_same_weights(a, b, rtol=0.0, atol=0.0):
+    """The same parameter names and values in a and b (models, or checkpoint paths): bit for bit by
+    default, or within rtol and atol where the two computed in another order."""
+    a, b = ({k: v.detach() for k, v in (load_checkpoint(x)["model"] if isinstance(x, str) else x.state_dict()).items()}
+            for x in (a, b))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=k)

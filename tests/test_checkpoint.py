@@ -9,7 +9,7 @@ from checkpoint import (CheckpointError, capture_rng, load_checkpoint, restore_r
                         save_checkpoint)
 from configurator import ConfigError
 from model import GPT, GPTConfig
-from train import train
+from train import Progress, train
 
 
 def test_corrupt_checkpoint(tmp_path):
@@ -101,7 +101,8 @@ def test_float16_resume_of_a_checkpoint_saved_without_scaler(tiny_cfg):
     model = GPT(GPTConfig(**{k: v for k, v in checkpoint["model_args"].items()}))
     optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu")
     scaler = torch.amp.GradScaler("cpu", enabled=True)  # what float16 on CUDA builds
-    progress = restore_training_state(checkpoint, model, optimizer, scaler, np.random.default_rng(0), "cpu")
+    restore_training_state(checkpoint, model, optimizer, scaler, np.random.default_rng(0), "cpu")
+    progress = Progress.from_checkpoint(checkpoint)
     assert progress.iter_num == 40 and progress.best_val_loss == checkpoint["best_val_loss"] and scaler.get_scale() == 2.0 ** 16
 
 

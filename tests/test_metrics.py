@@ -11,7 +11,7 @@ import pytest
 
 from configurator import UserError
 from helpers import TINY_TEXT, run_in_process, run_script
-from checkpoint import Progress
+from train import Progress
 from metrics import TrainingLog, plot_metrics
 from train import train
 

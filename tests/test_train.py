@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import device
-import model as model_module
+import muon as muon_module
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from configurator import ConfigError, UserError
-from helpers import TINY_TEXT, run_in_process, run_script
+from helpers import TINY_TEXT, assert_same_weights, run_in_process, run_script
 from model import GPT, GPTConfig
 from prepare_shakespeare import prepare, prepare_dataset
 from train import TrainBatches, TrainConfig, get_lr, main, train, train_step
@@ -93,9 +93,15 @@ def test_resume_continues_from_saved_iteration(tiny_cfg):
     assert resumed == straight
 
 
-def test_gradient_accumulation_trains(tiny_cfg):
-    losses = train(dataclasses.replace(tiny_cfg, gradient_accumulation_steps=2, batch_size=4))
-    assert losses["val"] < 3.0
+def test_gradient_accumulation_equals_the_larger_batch(tiny_cfg):
+    """Two micro-batches of 4 are one batch of 8: the same windows, the same gradient, the same model."""
+    paths = []
+    for accum, batch in ((2, 4), (1, 8)):
+        cfg = dataclasses.replace(tiny_cfg, gradient_accumulation_steps=accum, batch_size=batch, max_iters=20,
+                                  always_save_checkpoint=True, eval_interval=20, out_dir=f"{tiny_cfg.out_dir}-{accum}")
+        train(cfg)
+        paths.append(os.path.join(cfg.out_dir, "ckpt.pt"))
+    assert_same_weights(*paths, rtol=1e-4, atol=1e-6)  # up to float32 sums taken in another order
 
 
 def test_eval_only_needs_a_checkpoint(tiny_cfg):
@@ -233,13 +239,13 @@ def test_muon_trains_and_resumes_exactly(tiny_cfg, monkeypatch, bf16_speedup, ns
     resume exactly."""
     monkeypatch.setattr(device, "cpu_bf16_speedup", lambda: bf16_speedup)
     used = []
-    real_init = model_module.Muon.__init__
+    real_init = muon_module.Muon.__init__
 
     def recording_init(self, *args, **kwargs):
         real_init(self, *args, **kwargs)
         used.append(self.ns_dtype)
 
-    monkeypatch.setattr(model_module.Muon, "__init__", recording_init)
+    monkeypatch.setattr(muon_module.Muon, "__init__", recording_init)
     cfg = dataclasses.replace(tiny_cfg, optimizer="muon", always_save_checkpoint=True, eval_interval=10)
     straight = train(dataclasses.replace(cfg, out_dir=cfg.out_dir + "-straight"))
     assert straight["val"] < 3.0

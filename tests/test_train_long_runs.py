@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from helpers import REPO
+from helpers import REPO, assert_same_weights
 from checkpoint import load_checkpoint
 from train import TrainConfig, train
 
@@ -34,13 +34,6 @@ def wait_for_line(proc, text):
         if text in line:
             return True
     return False
-
-
-def assert_same_weights(path_a, path_b):
-    a, b = load_checkpoint(path_a)["model"], load_checkpoint(path_b)["model"]
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
 
 
 def test_resume_is_bit_identical(tiny_cfg):
