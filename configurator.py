@@ -71,12 +71,19 @@ def help_text(config_class):
             elif name in fields and name not in skip and name not in shown:
                 shown.add(name)
                 f = fields[name]
-                setting = f"--{name}={f.default}"
+                setting = f"--{name}={show_value(f.default)}"
                 kind = getattr(f.type, "__name__", str(f.type))
                 rows.append(f"    {setting:<34} {kind:<11} {text}")
         if any(not r.endswith(":") for r in rows):
             lines += [f"{klass.__name__} ({klass.__module__}.py):"] + rows + [""]
     return "\n".join(lines).rstrip()
+
+
+def show_value(value):
+    """A value as it is typed after --key=: strings bare, unless quotes are needed to see them."""
+    if isinstance(value, str) and value and value == value.strip() and value.isprintable():
+        return value
+    return repr(value)
 
 
 def _commented_fields(klass):

@@ -1,10 +1,18 @@
 """
-Writing files safely: a crash or kill -9 at any moment leaves the old file or the new one, never half
-of one, and what a killed process left half-written is cleaned up by the next run.
+Writing files safely: a crash, kill -9 or Ctrl-C at any moment leaves the old file or the new one,
+never half of one; what a killed process left half-written is cleaned up by the next run; and one
+run at a time writes into an out_dir.
 """
 
 import os
 import shutil
+import signal
+import threading
+from contextlib import contextmanager
+
+from filelock import FileLock, Timeout
+
+from configurator import UserError
 
 
 def write_atomic(path, write):
@@ -58,3 +66,44 @@ def remove_leftovers(folder, prefix):
             shutil.rmtree(path, ignore_errors=True)
         else:
             os.remove(path)
+
+
+class OutDirBusy(UserError):
+    pass
+
+
+def lock_out_dir(out_dir):
+    """Take out_dir/.lock for this process, so that one run at a time writes there: a second run
+    into the same out_dir is refused while the first lives. The operating system releases the lock
+    when its holder ends, however it ends (kill -9 and power cuts included). Returns the lock;
+    release it with .release()."""
+    lock = FileLock(os.path.join(out_dir, ".lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise OutDirBusy(f"another run is training into out_dir '{out_dir}' (it holds {os.path.join(out_dir, '.lock')}); "
+                         f"wait for it to end, or train into another --out_dir") from None
+    return lock
+
+
+@contextmanager
+def signals_deferred():
+    """Within this context SIGINT (Ctrl-C) and SIGTERM wait: they act as they would have once it ends,
+    so that a pair of renames that must not be split is done whole. (Signal handlers can be set in
+    the main thread only; elsewhere nothing is deferred.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for s in received:
+            if callable(previous[s]):
+                previous[s](s, None)  # Python's own (KeyboardInterrupt for SIGINT) or the program's
+            elif previous[s] == signal.SIG_DFL:
+                os.kill(os.getpid(), s)

@@ -20,7 +20,7 @@ import requests
 from tqdm import tqdm
 
 from configurator import ConfigError, UserError, check, run_main
-from files import dead_leftovers, remove_leftovers, write_atomic
+from files import dead_leftovers, remove_leftovers, signals_deferred, write_atomic
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -206,11 +206,16 @@ def prepare(text, out_dir, tok=None, source=None):
             for entry in os.listdir(out_dir):
                 if entry not in DATASET_FILES:
                     copy_entry(os.path.join(out_dir, entry), os.path.join(staging, entry))
-            os.rename(out_dir, old)
-        os.rename(staging, out_dir)
+        with signals_deferred():  # Ctrl-C or SIGTERM between the two renames would leave neither set
+            if os.path.exists(out_dir):
+                os.rename(out_dir, old)
+            os.rename(staging, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
     except OSError as e:
         raise DatasetError(f"could not write the dataset to {out_dir}: {e.strerror}; nothing there was changed") from None
     finally:
+        if os.path.exists(old) and not os.path.exists(out_dir):
+            os.rename(old, out_dir)  # the new set did not take its place: the old one stays
         for leftover in (staging, old):
             shutil.rmtree(leftover, ignore_errors=True)
     return tok

@@ -29,7 +29,7 @@ from device import (DeviceSettings, Processes, any_process, autocast_context, ch
                     describe_dtype, end_processes, from_rank0, gather_from_all, matmul_peak_flops,
                     newton_schulz_dtype, on_rank0, out_of_memory_in_one_line, reuse_freed_memory, select_dtype,
                     start_processes, use_compile)
-from files import remove_leftovers
+from files import lock_out_dir, remove_leftovers
 from metrics import TrainingLog, plot_metrics, record_config, start_wandb
 from model import GPTConfig, build_model
 from prepare_shakespeare import DEFAULT_DATASET, CharTokenizer, check_dataset_name, prepare_dataset
@@ -47,7 +47,8 @@ class TrainConfig(GPTConfig, DeviceSettings):
     eval_iters: int = 200  # batches per split in each evaluation (the same batches every time)
     eval_only: bool = False  # evaluate out_dir/ckpt.pt (or init_from's checkpoint) and exit
     always_save_checkpoint: bool = False  # save at every eval, not only when val loss improves
-    init_from: str = "scratch"  # 'scratch', 'resume' (out_dir's newer of ckpt.pt and resume.pt), or a checkpoint / out_dir to fine-tune
+    init_from: str = "scratch"  # 'scratch', 'resume' (continue out_dir's run), or a checkpoint / out_dir to fine-tune
+    overwrite: bool = False  # from scratch into an out_dir that holds a trained run: replace it (else refused)
     sample_interval: int = 0  # > 0: print a short sample every sample_interval iterations, to watch it learn
     plot: bool = False  # draw out_dir/loss.png from out_dir/metrics.csv at the end (needs matplotlib)
     # Weights & Biases logging, as nanoGPT's (needs pip install wandb)
@@ -324,9 +325,14 @@ def evaluate_split(model, path, block_size, batch_size, device, ctx, procs=Proce
     return total.item() / n_windows
 
 
+EVAL_TOKENS = 16384  # per batch of the whole-val pass: few enough for any device that trains the model
+
+
 def whole_val_loss(model, cfg, device, ctx, procs):
-    """The figure the README reports: the loss over every window of the val split."""
-    return evaluate_split(model, os.path.join(dataset_dir(cfg), "val.bin"), cfg.block_size, cfg.batch_size,
+    """The figure the README reports: the loss over every window of the val split, in batches sized
+    for speed (a small training batch would make many small steps), never smaller than training's."""
+    batch_size = max(cfg.batch_size, EVAL_TOKENS // cfg.block_size)
+    return evaluate_split(model, os.path.join(dataset_dir(cfg), "val.bin"), cfg.block_size, batch_size,
                           device, ctx, procs)
 
 
@@ -438,12 +444,54 @@ def ensure_writable(out_dir):
         raise UserError(f"can't write to out_dir '{out_dir}': {e.strerror}; pick another --out_dir") from None
 
 
-def prepare_out_dir(cfg):
-    """out_dir exists and can be written; half-written checkpoints of runs killed with -9 are removed."""
-    ensure_writable(cfg.out_dir)
+def refuse_to_replace_a_trained_run(cfg):
+    """A run from scratch must not replace the checkpoints of a trained one by accident."""
     for name in (CKPT_NAME, RESUME_NAME):
-        remove_leftovers(cfg.out_dir, name + ".")
-    record_config(cfg, cfg.out_dir)
+        path = os.path.join(cfg.out_dir, name)
+        if not os.path.isfile(path):
+            continue
+        if cfg.overwrite:
+            try:
+                os.remove(path)
+            except OSError as e:
+                raise UserError(f"can't remove {path} to start over: {e.strerror}") from None
+            continue
+        try:
+            saved = load_checkpoint(path)
+            what = f"iteration {saved['iter_num']}, best val loss {float(saved['best_val_loss']):.4f}"
+        except (CheckpointError, KeyError, TypeError, ValueError):
+            what = "a checkpoint"
+        raise ConfigError(f"{path} holds a trained run ({what}); continue it with --init_from=resume, train into "
+                          f"another --out_dir, or start over there with --overwrite=True")
+
+
+def claim_out_dir(cfg):
+    """Make out_dir this run's: it exists and can be written, no other run trains into it (its lock
+    is taken and returned), a trained run there is not replaced from scratch unless asked, and
+    half-written checkpoints of runs killed with -9 are removed."""
+    ensure_writable(cfg.out_dir)
+    lock = lock_out_dir(cfg.out_dir)
+    try:
+        if cfg.init_from == "scratch":
+            refuse_to_replace_a_trained_run(cfg)
+        for name in (CKPT_NAME, RESUME_NAME):
+            remove_leftovers(cfg.out_dir, name + ".")
+        record_config(cfg, cfg.out_dir)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+@contextmanager
+def out_dir_claimed(cfg, procs, device):
+    """Within this context out_dir is this run's (claim_out_dir, on rank 0: a torchrun's processes are one run)."""
+    lock = on_rank0(lambda: claim_out_dir(cfg), procs, device)
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def report_start(model, cfg, tokens_per_iter, dtype, device, procs):
@@ -452,9 +500,9 @@ def report_start(model, cfg, tokens_per_iter, dtype, device, procs):
           + (f" | processes: {procs.world_size}" if procs.world_size > 1 else ""))
 
 
-def report_end(cfg, progress, val_full, start_iter):
+def report_end(cfg, progress, val_full, val_seconds, start_iter):
     print(f"trained {progress.iter_num} iterations in {progress.train_seconds:.1f} s of training time; "
-          f"val loss over the whole val split: {val_full:.4f}")
+          f"val loss over the whole val split: {val_full:.4f} (in {val_seconds:.1f} s)")
     if not os.path.exists(os.path.join(cfg.out_dir, CKPT_NAME)):
         print(f"no checkpoint written: the val loss never improved on step {start_iter}'s "
               f"(--always_save_checkpoint=True keeps the last model anyway)")
@@ -501,87 +549,89 @@ def train(cfg):
     if cfg.eval_only:
         return evaluate_only(raw_model, cfg, device, ctx, procs)
 
-    on_rank0(lambda: prepare_out_dir(cfg), procs, device)  # only now: a run refused above leaves nothing behind
-    device_type = torch.device(device).type
-    optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
-                                               device_type, optimizer=cfg.optimizer,
-                                               muon_dtype=newton_schulz_dtype(device))
-    scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))  # float16 needs one
-    progress = Progress(schedule_seconds=cfg.max_seconds)
-    if cfg.init_from == "resume":
-        restore_training_state(checkpoint, raw_model, optimizer, scaler, data_rng, device, procs.rank)
-        progress = Progress.from_checkpoint(checkpoint)
-    checkpoint = None  # free its memory
-    compiled = use_compile(cfg.compile, device)
-    model = prepare_model(raw_model, compiled, device, procs)  # raw_model: the same weights, to save and sample
-    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
-    batches = TrainBatches(os.path.join(dataset_dir(cfg), "train.bin"), cfg.batch_size, cfg.block_size,
-                           micro_steps, data_rng, device, procs)
+    with out_dir_claimed(cfg, procs, device):  # only now: a run refused above leaves nothing behind
+        device_type = torch.device(device).type
+        optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
+                                                   device_type, optimizer=cfg.optimizer,
+                                                   muon_dtype=newton_schulz_dtype(device))
+        scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))  # float16 needs one
+        progress = Progress(schedule_seconds=cfg.max_seconds)
+        if cfg.init_from == "resume":
+            restore_training_state(checkpoint, raw_model, optimizer, scaler, data_rng, device, procs.rank)
+            progress = Progress.from_checkpoint(checkpoint)
+        checkpoint = None  # free its memory
+        compiled = use_compile(cfg.compile, device)
+        model = prepare_model(raw_model, compiled, device, procs)  # raw_model: the same weights, to save and sample
+        tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
+        batches = TrainBatches(os.path.join(dataset_dir(cfg), "train.bin"), cfg.batch_size, cfg.block_size,
+                               micro_steps, data_rng, device, procs)
 
-    def save(path, val_loss=None):
-        """Write the run's state to path. Every process calls this: each adds its random state; rank 0 writes."""
-        rng = gather_from_all(capture_rng(data_rng, device), procs)
-        checkpoint = lambda: training_checkpoint(raw_model, optimizer, scaler, progress, cfg, tok.chars, rng, val_loss)
-        on_rank0(lambda: save_checkpoint(checkpoint(), path), procs, device)  # all wait for rank 0's save
+        def save(path, val_loss=None):
+            """Write the run's state to path. Every process calls this: each adds its random state; rank 0 writes."""
+            rng = gather_from_all(capture_rng(data_rng, device), procs)
+            state = lambda: training_checkpoint(raw_model, optimizer, scaler, progress, cfg, tok.chars, rng, val_loss)
+            on_rank0(lambda: save_checkpoint(state(), path), procs, device)  # all wait for rank 0's save
 
-    wandb_run = on_rank0(lambda: start_wandb(cfg) if cfg.wandb_log else None, procs, device)
-    if procs.master:
-        report_start(raw_model, cfg, tokens_per_iter, dtype, device, procs)
-    # this process's FLOPs per iteration against its device's peak (measured in the run's dtype)
-    flops = raw_model.flops_per_token() * tokens_per_iter / procs.world_size
-    peak = matmul_peak_flops(device, dtype) if procs.master else 1.0
-    timed = cfg.max_seconds > 0  # a time budget ends the run
-    clocked = timed or progress.schedule_seconds > 0  # the step times count: for the budget, or for the lr
-    start_iter = progress.iter_num
+        wandb_run = on_rank0(lambda: start_wandb(cfg) if cfg.wandb_log else None, procs, device)
+        if procs.master:
+            report_start(raw_model, cfg, tokens_per_iter, dtype, device, procs)
+        # this process's FLOPs per iteration against its device's peak (measured in the run's dtype)
+        flops = raw_model.flops_per_token() * tokens_per_iter / procs.world_size
+        peak = matmul_peak_flops(device, dtype) if procs.master else 1.0
+        timed = cfg.max_seconds > 0  # a time budget ends the run
+        clocked = timed or progress.schedule_seconds > 0  # the step times count: for the budget, or for the lr
+        start_iter = progress.iter_num
 
-    with StopSignals() as stop, TrainingLog(cfg, progress, tokens_per_iter, flops, peak, procs.master,
-                                            wandb_run) as log:
-        while True:
-            # every process holds the same train_seconds (rank 0's clock), so they agree on the end
-            done = progress.iter_num >= cfg.max_iters or (timed and progress.train_seconds >= cfg.max_seconds)
-            if progress.iter_num % cfg.eval_interval == 0 or done:
-                losses = estimate_loss(model, cfg, device, ctx, procs)
-                log.eval(progress, losses)
-                improved = losses["val"] < progress.best_val_loss
-                progress.best_val_loss = min(progress.best_val_loss, losses["val"])
-                if progress.iter_num > 0 and (improved or cfg.always_save_checkpoint):
-                    save(os.path.join(cfg.out_dir, CKPT_NAME), losses["val"])
-                log.restart_clock()  # evals and saves are not training time
-            if cfg.sample_interval and progress.iter_num % cfg.sample_interval == 0 and procs.master:
-                log.write(f"sample at step {progress.iter_num}:\n{show_sample(raw_model, tok, ctx, device, cfg.seed)}")
-                log.restart_clock()
-            if done:
-                break
-            if stop.asked(progress.iter_num, cfg.log_interval, procs, device):
-                # ckpt.pt keeps the best model unless every eval saves anyway; resume picks the newer file
-                path = os.path.join(cfg.out_dir, CKPT_NAME if cfg.always_save_checkpoint else RESUME_NAME)
-                save(path)
-                raise Interrupted(f"stopped by {stop.received or 'a signal to another process'} after iteration "
-                                  f"{progress.iter_num}; saved {path}; continue with --init_from=resume")
+        with StopSignals() as stop, TrainingLog(cfg, progress, tokens_per_iter, flops, peak, procs.master,
+                                                wandb_run) as log:
+            while True:
+                # every process holds the same train_seconds (rank 0's clock), so they agree on the end
+                done = progress.iter_num >= cfg.max_iters or (timed and progress.train_seconds >= cfg.max_seconds)
+                if progress.iter_num % cfg.eval_interval == 0 or done:
+                    losses = estimate_loss(model, cfg, device, ctx, procs)
+                    log.eval(progress, losses)
+                    improved = losses["val"] < progress.best_val_loss
+                    progress.best_val_loss = min(progress.best_val_loss, losses["val"])
+                    if progress.iter_num > 0 and (improved or cfg.always_save_checkpoint):
+                        save(os.path.join(cfg.out_dir, CKPT_NAME), losses["val"])
+                    log.restart_clock()  # evals and saves are not training time
+                if cfg.sample_interval and progress.iter_num % cfg.sample_interval == 0 and procs.master:
+                    text = show_sample(raw_model, tok, ctx, device, cfg.seed)
+                    log.write(f"sample at step {progress.iter_num}:\n{text}")
+                    log.restart_clock()
+                if done:
+                    break
+                if stop.asked(progress.iter_num, cfg.log_interval, procs, device):
+                    # ckpt.pt keeps the best model unless every eval saves anyway; resume picks the newer file
+                    path = os.path.join(cfg.out_dir, CKPT_NAME if cfg.always_save_checkpoint else RESUME_NAME)
+                    save(path)
+                    raise Interrupted(f"stopped by {stop.received or 'a signal to another process'} after iteration "
+                                      f"{progress.iter_num}; saved {path}; continue with --init_from=resume")
 
-            t0 = time.perf_counter()
-            lr = lr_now(progress, cfg)
-            loss = train_step(model, optimizer, scaler, batches.next_step(), micro_steps, ctx, cfg.grad_clip, lr)
-            progress.iter_num += 1
-            log_step = progress.iter_num % cfg.log_interval == 0
-            if log_step or clocked:
-                loss.item()  # wait for the step (otherwise the device runs ahead of the loop)
-            step_seconds = time.perf_counter() - t0
-            if compiled and progress.iter_num == start_iter + 1:
-                log.write(f"compiled in {step_seconds:.1f} s (not counted as training time)")
-                step_seconds = 0.0
-            progress.train_seconds += step_seconds
-            if clocked:
-                progress.train_seconds = from_rank0(progress.train_seconds, procs, device)  # one clock, one lr
-            log.step(step_seconds)
-            if log_step:
-                log.log(progress, mean_over_processes(loss, procs), lr)
+                t0 = time.perf_counter()
+                lr = lr_now(progress, cfg)
+                loss = train_step(model, optimizer, scaler, batches.next_step(), micro_steps, ctx, cfg.grad_clip, lr)
+                progress.iter_num += 1
+                log_step = progress.iter_num % cfg.log_interval == 0
+                if log_step or clocked:
+                    loss.item()  # wait for the step (otherwise the device runs ahead of the loop)
+                step_seconds = time.perf_counter() - t0
+                if compiled and progress.iter_num == start_iter + 1:
+                    log.write(f"compiled in {step_seconds:.1f} s (not counted as training time)")
+                    step_seconds = 0.0
+                progress.train_seconds += step_seconds
+                if clocked:
+                    progress.train_seconds = from_rank0(progress.train_seconds, procs, device)  # one clock, one lr
+                log.step(step_seconds)
+                if log_step:
+                    log.log(progress, mean_over_processes(loss, procs), lr)
 
-    check_replicas_agree(raw_model, procs, device)
-    losses["val_full"] = whole_val_loss(raw_model, cfg, device, ctx, procs)
-    if procs.master:
-        report_end(cfg, progress, losses["val_full"], start_iter)
-    return losses
+        check_replicas_agree(raw_model, procs, device)
+        t0 = time.perf_counter()
+        losses["val_full"] = whole_val_loss(raw_model, cfg, device, ctx, procs)
+        if procs.master:
+            report_end(cfg, progress, losses["val_full"], time.perf_counter() - t0, start_iter)
+        return losses
 
 
 def main(argv):

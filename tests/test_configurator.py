@@ -2,7 +2,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from configurator import ConfigError, configure
+from configurator import ConfigError, configure, show_value
 from helpers import REPO, run_in_process
 from train import TrainConfig
 
@@ -97,3 +97,26 @@ def test_scripts_exit_2_with_one_line(script):
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: unknown config key")
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("script, flag", [("train.py", "--help"), ("train.py", "-h"), ("sample.py", "--help"),
+                                          ("bench.py", "-h")])
+def test_help_lists_every_setting_with_its_default_type_and_meaning(script, flag):
+    """Generated from the dataclasses and their comments: every setting, none without a meaning."""
+    import dataclasses
+    import importlib
+    module = importlib.import_module(script[:-3])
+    config_class = {"train": "TrainConfig", "sample": "SampleConfig", "bench": "BenchConfig"}[script[:-3]]
+    config_class = getattr(module, config_class)
+    r = run_in_process(script, "config/train_shakespeare_char.py", flag)
+    assert r.returncode == 0 and r.stderr == ""
+    assert r.stdout.startswith(f"usage: python {script} [CONFIG.py ...] [--key=value ...]")
+    lines = r.stdout.splitlines()
+    for f in dataclasses.fields(config_class):
+        rows = [line.split() for line in lines if line.split()[:1] == [f"--{f.name}={show_value(f.default)}"]]
+        if f.name in getattr(config_class, "not_settings", {}):
+            assert rows == [], f.name
+            continue
+        assert len(rows) == 1, f.name
+        kind = getattr(f.type, "__name__", str(f.type))
+        assert " ".join(rows[0][1:]).startswith(kind) and len(" ".join(rows[0][1:])) > len(kind) + 5, rows[0]

@@ -2,6 +2,7 @@ import errno
 import hashlib
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import threading
@@ -10,7 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 
-from helpers import TINY_TEXT
+from helpers import REPO, TINY_TEXT
 from prepare_shakespeare import CharTokenizer, DatasetError, main, prepare, prepare_dataset, read_text
 
 TEXT = "hello world\nà bientôt, Ελλάδα!\n" * 50  # non-ASCII, well within uint16
@@ -232,4 +233,78 @@ def test_a_full_disk_while_preparing_keeps_the_old_set(tmp_path, monkeypatch):
     with pytest.raises(DatasetError, match="could not write the dataset to .*No space left on device; nothing"):
         prepare(TINY_TEXT, str(out))
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(os.listdir(tmp_path / "data")) == ["mine"]
+
+
+class Stopped(Exception):
+    pass
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("when", ["before the first rename", "between the renames", "after the second rename",
+                                  "while writing the new set"])
+def test_a_signal_at_any_step_of_preparing_leaves_a_whole_set(tmp_path, monkeypatch, signum, when):
+    """Ctrl-C or SIGTERM, sent at each step of swapping the new set in: the folder then holds the old
+    set or the new one, complete, with the user's files; the signal still stops the program."""
+    out = tmp_path / "data" / "mine"
+    prepare(TEXT, str(out))
+    (out / "README.md").write_text("# mine\n")
+    old = {p.name: p.read_bytes() for p in out.iterdir()}
+    real_rename, real_dump, renames = os.rename, pickle.dump, []
+
+    def rename(src, dst):
+        if when == "before the first rename" and not renames or when == "between the renames" and len(renames) == 1:
+            os.kill(os.getpid(), signum)
+        real_rename(src, dst)
+        renames.append(dst)
+        if when == "after the second rename" and len(renames) == 2:
+            os.kill(os.getpid(), signum)
+
+    def dump(*args, **kwargs):
+        os.kill(os.getpid(), signum)
+        real_dump(*args, **kwargs)
+
+    def stop(s, frame):  # what SIGTERM's default would do, but leaving pytest alive
+        raise Stopped
+
+    monkeypatch.setattr(os, "rename", rename)
+    if when == "while writing the new set":
+        monkeypatch.setattr(pickle, "dump", dump)
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        with pytest.raises(KeyboardInterrupt if signum == signal.SIGINT else Stopped):
+            prepare(TINY_TEXT, str(out))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    now = {p.name: p.read_bytes() for p in out.iterdir()}
+    if when == "while writing the new set":
+        assert now == old
+    else:  # the swap had begun: it was finished before the signal acted
+        assert now["input.txt"] == TINY_TEXT.encode() and now["README.md"] == b"# mine\n"
+        assert CharTokenizer.load(str(out / "meta.pkl")).decode(np.fromfile(out / "val.bin", dtype=np.uint16).tolist()) \
+            == TINY_TEXT[int(len(TINY_TEXT) * 0.9):]
+    assert sorted(os.listdir(tmp_path / "data")) == ["mine"]
+
+
+def test_sigterm_between_the_renames_kills_a_real_process_after_the_swap(tmp_path):
+    """The same with SIGTERM's own default action (the process dies), in a real process."""
+    out = tmp_path / "data" / "mine"
+    prepare(TEXT, str(out))
+    script = f"""
+import os, signal
+import prepare_shakespeare
+real_rename, calls = os.rename, []
+def rename(src, dst):
+    real_rename(src, dst)
+    calls.append(dst)
+    if len(calls) == 1:
+        os.kill(os.getpid(), signal.SIGTERM)
+os.rename = rename
+prepare_shakespeare.prepare({TINY_TEXT!r}, {str(out)!r})
+print("not reached")
+"""
+    r = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == -signal.SIGTERM and "not reached" not in r.stdout, (r.returncode, r.stderr)
+    assert (out / "input.txt").read_text(encoding="utf-8") == TINY_TEXT
+    assert sorted(os.listdir(out)) == ["input.txt", "meta.pkl", "train.bin", "val.bin"]
     assert sorted(os.listdir(tmp_path / "data")) == ["mine"]

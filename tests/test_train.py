@@ -391,3 +391,45 @@ def test_samples_while_training_leave_the_run_unchanged(tiny_cfg, capsys):
     assert [int(step) for step, _ in samples] == [0, 20, 40]
     assert all(len(text) >= 100 and set(text) <= set(TINY_TEXT) for _, text in samples)
     assert samples[0][1] != samples[2][1]  # the model learnt in between
+
+
+def test_a_run_from_scratch_never_replaces_a_trained_one_by_accident(tiny_cfg):
+    """The same command again, without --init_from=resume: refused in one line that says what is there
+    and the ways on, with nothing in out_dir changed; --overwrite=True starts over; resume is unaffected."""
+    train(tiny_cfg)
+    out = tiny_cfg.out_dir
+    before = {name: open(os.path.join(out, name), "rb").read() for name in os.listdir(out) if name != ".lock"}
+    args = [f"--data_dir={tiny_cfg.data_dir}", "--dataset=tiny", f"--out_dir={out}", "--device=cpu",
+            "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=8", "--max_iters=4",
+            "--lr_decay_iters=4", "--warmup_iters=1", "--eval_interval=2", "--eval_iters=2"]
+    r = run_in_process("train.py", *args)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    saved = load_checkpoint(os.path.join(out, "ckpt.pt"))
+    assert r.stderr.startswith(f"error: {os.path.join(out, 'ckpt.pt')} holds a trained run (iteration 40, best val "
+                               f"loss {float(saved['best_val_loss']):.4f}); continue it with --init_from=resume, "
+                               f"train into another --out_dir, or start over there with --overwrite=True")
+    assert {name: open(os.path.join(out, name), "rb").read() for name in os.listdir(out) if name != ".lock"} == before
+    resumed = train(dataclasses.replace(tiny_cfg, init_from="resume", max_iters=44))
+    assert load_checkpoint(os.path.join(out, "ckpt.pt"))["iter_num"] in (40, 44) and resumed["val_full"] > 0
+    r = run_in_process("train.py", *args, "--overwrite=True")
+    assert r.returncode == 0, r.stderr
+    assert load_checkpoint(os.path.join(out, "ckpt.pt"))["iter_num"] == 4
+
+
+def test_the_whole_val_pass_runs_in_large_batches_whatever_the_training_batch(tiny_cfg, monkeypatch):
+    """A training batch of 2 would take hundreds of tiny steps: the pass takes EVAL_TOKENS per batch."""
+    import train as train_module
+    cfg = dataclasses.replace(tiny_cfg, batch_size=2, block_size=8, always_save_checkpoint=True)
+    calls = []
+    real = train_module.evaluate_split
+
+    def recording(model, path, block_size, batch_size, *args):
+        calls.append(batch_size)
+        return real(model, path, block_size, batch_size, *args)
+
+    monkeypatch.setattr(train_module, "evaluate_split", recording)
+    losses = train(cfg)
+    assert calls == [train_module.EVAL_TOKENS // 8]
+    model = model_from_checkpoint(load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt")))
+    small_batches = real(model.eval(), os.path.join(cfg.data_dir, "tiny", "val.bin"), 8, 2, "cpu", nullcontext())
+    assert abs(losses["val_full"] - small_batches) < 1e-5  # the batch changes the speed, not the figure
