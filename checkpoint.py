@@ -16,7 +16,7 @@ from configurator import ConfigError, UserError, first_line
 from files import write_atomic
 from model import GPTConfig, build_model
 from muon import torch_optimizers
-from prepare_shakespeare import CharTokenizer
+from tokenizer import CharTokenizer, load_tokenizer, tokenizer_from_meta
 
 CKPT_NAME, RESUME_NAME = "ckpt.pt", "resume.pt"  # in out_dir: the best model; a stopped run's newer state
 MODEL_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout")  # nanoGPT's
@@ -30,11 +30,11 @@ GPT2_WEIGHTS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
 
 def refuse_gpt2_weights(init_from):
-    """nanoGPT's init_from='gpt2*' loads OpenAI's weights; this character-level project can't."""
+    """nanoGPT's init_from='gpt2*' loads OpenAI's weights; this project, which trains its own tokenizers, can't."""
     if init_from in GPT2_WEIGHTS:
         raise ConfigError(f"init_from='{init_from}': OpenAI's GPT-2 weights are not supported here (they need the "
-                          f"transformers package, a download and GPT-2's tokenizer; this repo is character-level); "
-                          f"use nanoGPT for them")
+                          f"transformers package, a download and GPT-2's tokenizer; this repo trains its own "
+                          f"tokenizers on your text); use nanoGPT for them")
 
 
 def save_checkpoint(checkpoint, path):
@@ -90,31 +90,48 @@ def model_from_checkpoint(checkpoint):
     return model
 
 
+def vocabulary_entries(tok):
+    """What a checkpoint holds of its tokenizer: the characters as one string (vocab) for a character
+    vocabulary, the merges (tokenizer) for a BPE."""
+    return {"vocab": tok.chars} if tok.kind == "char" else {"vocab": None, "tokenizer": tok.meta()}
+
+
+def saved_tokenizer(checkpoint, path):
+    """The tokenizer a checkpoint holds, None for nanoGPT's (which hold none)."""
+    if checkpoint.get("tokenizer") is not None:
+        return tokenizer_from_meta(checkpoint["tokenizer"], path)
+    if checkpoint.get("vocab") is not None:
+        return CharTokenizer(checkpoint["vocab"])
+    return None
+
+
 def same_vocabulary(checkpoint, tok):
-    """Whether tok is the vocabulary the checkpoint's model was trained with: the same characters
-    where the checkpoint records them (ours do), the same size where it does not (nanoGPT's)."""
-    vocab = checkpoint.get("vocab")
-    return checkpoint["model_args"]["vocab_size"] == tok.vocab_size and vocab in (None, tok.chars)
+    """Whether tok is the tokenizer the checkpoint's model was trained with: the same one where the
+    checkpoint holds it (ours do), a character vocabulary of the same size where not (nanoGPT's)."""
+    saved = saved_tokenizer(checkpoint, "the checkpoint")
+    same = tok == saved if saved is not None else tok.kind == "char"
+    return same and checkpoint["model_args"]["vocab_size"] == tok.vocab_size
 
 
 def checkpoint_tokenizer(checkpoint, path, data_dir):
-    """The vocabulary of the checkpoint at path: the one it holds, or for nanoGPT's checkpoints
+    """The tokenizer of the checkpoint at path: the one it holds, or for nanoGPT's checkpoints
     (which hold none) the meta.pkl of the dataset its config names, under data_dir."""
     vocab_size = checkpoint["model_args"]["vocab_size"]
-    if checkpoint.get("vocab") is not None:
-        if len(checkpoint["vocab"]) != vocab_size:
-            raise CheckpointError(f"{path} holds a vocabulary of {len(checkpoint['vocab'])} characters but its "
+    saved = saved_tokenizer(checkpoint, path)
+    if saved is not None:
+        if saved.vocab_size != vocab_size:
+            raise CheckpointError(f"{path} holds a vocabulary of {saved.vocab_size} tokens but its "
                                   f"model has {vocab_size}: the file was altered or is damaged")
-        return CharTokenizer(checkpoint["vocab"])
+        return saved
     dataset = checkpoint.get("config", {}).get("dataset", "shakespeare_char")
     meta_path = os.path.join(data_dir, dataset, "meta.pkl")
     if not os.path.exists(meta_path):
         raise CheckpointError(f"{path} holds no vocabulary (a nanoGPT checkpoint) and {meta_path}, its "
                               f"dataset's, is missing; prepare that dataset, or point --data_dir at its folder")
-    tok = CharTokenizer.load(meta_path)
+    tok = load_tokenizer(meta_path)
     if not same_vocabulary(checkpoint, tok):
         raise CheckpointError(f"{meta_path} is not the vocabulary the checkpoint was trained with ({tok.vocab_size} "
-                              f"characters; the checkpoint's model has {vocab_size}); the dataset was "
+                              f"tokens; the checkpoint's model has {vocab_size}); the dataset was "
                               f"re-prepared from another text")
     return tok
 
@@ -163,7 +180,7 @@ def check_resume_settings(cfg, saved, path):
                               f"with --init_from={os.path.dirname(path) or '.'} --out_dir=ANOTHER_FOLDER")
 
 
-def training_checkpoint(model, optimizer, scaler, progress, cfg, vocab, rng, val_loss):
+def training_checkpoint(model, optimizer, scaler, progress, cfg, tok, rng, val_loss):
     """Everything --init_from=resume needs; rng holds one random state per process (capture_rng)."""
     return {
         "model": model.state_dict(),
@@ -176,7 +193,7 @@ def training_checkpoint(model, optimizer, scaler, progress, cfg, vocab, rng, val
         "best_val_loss": progress.best_val_loss,
         "val_loss": val_loss,
         "config": asdict(cfg),
-        "vocab": vocab,
+        **vocabulary_entries(tok),
         "rng": rng,  # one entry per process: each has its own dropout stream
         "param_order": "nanogpt",  # optimizer state in nanoGPT's parameter order (older ones: wpe last)
     }

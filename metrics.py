@@ -7,6 +7,7 @@ A run's record: what it prints as it trains, out_dir/config.json (its settings),
 
 import csv
 import json
+import math
 import os
 import sys
 import time
@@ -36,8 +37,10 @@ class MetricsLog:
     """Appends a row per log line and per eval to out_dir/metrics.csv, for plotting the run, and
     sends the same numbers to Weights & Biases when wandb_run is given. path=None logs nothing
     (the processes other than rank 0)."""
-    COLUMNS = ["iter", "kind", "loss", "train_loss", "val_loss", "lr", "tokens", "elapsed_s"]
-    WANDB_NAMES = {"train_loss": "train/loss", "val_loss": "val/loss"}  # nanoGPT's names for them
+    COLUMNS = ["iter", "kind", "loss", "train_loss", "val_loss", "lr", "tokens", "elapsed_s", "bpc", "train_bpc",
+               "val_bpc"]
+    WANDB_NAMES = {"train_loss": "train/loss", "val_loss": "val/loss",  # nanoGPT's names for them
+                   "train_bpc": "train/bpc", "val_bpc": "val/bpc"}
 
     def __init__(self, path, resume_from=None, wandb_run=None):
         self.path, self.wandb_run = path, wandb_run
@@ -91,11 +94,14 @@ class TrainingLog:
     """What a training run shows and records: a progress bar (over iterations, or over the seconds of
     a time budget, so that its ETA is right), the evals, and every log_interval iterations the loss,
     learning rate, ms/iter, tokens/s and MFU (model FLOPs utilisation: the share of the device's
-    measured matmul peak the model's arithmetic runs at). Only rank 0 (master) prints and writes."""
+    measured matmul peak the model's arithmetic runs at). Losses also go as bits per character:
+    bpc[split] times the loss per token. Only rank 0 (master) prints and writes."""
 
-    def __init__(self, cfg, progress, tokens_per_iter, flops_per_iter, peak_flops, master, wandb_run=None):
+    def __init__(self, cfg, progress, tokens_per_iter, flops_per_iter, peak_flops, master, wandb_run=None,
+                 bpc=None):
         self.cfg, self.tokens_per_iter, self.flops_per_iter, self.peak_flops = \
             cfg, tokens_per_iter, flops_per_iter, peak_flops
+        self.bpc = bpc or {"train": 1 / math.log(2), "val": 1 / math.log(2)}  # a token per character
         self.master = master
         self.timed = cfg.max_seconds > 0
         resumed = cfg.init_from == "resume"
@@ -119,10 +125,13 @@ class TrainingLog:
             self.bar.write(text)
 
     def eval(self, progress, losses):
-        self.write(f"step {progress.iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+        bpc = {split: losses[split] * self.bpc[split] for split in ("train", "val")}
+        self.write(f"step {progress.iter_num}: train loss {losses['train']:.4f} ({bpc['train']:.4f} bpc), "
+                   f"val loss {losses['val']:.4f} ({bpc['val']:.4f} bpc)")
         self.metrics.write(iter=progress.iter_num, kind="eval", train_loss=f"{losses['train']:.6f}",
                            val_loss=f"{losses['val']:.6f}", tokens=progress.iter_num * self.tokens_per_iter,
-                           elapsed_s=f"{progress.train_seconds:.3f}")
+                           elapsed_s=f"{progress.train_seconds:.3f}", train_bpc=f"{bpc['train']:.6f}",
+                           val_bpc=f"{bpc['val']:.6f}")
 
     def step(self, step_seconds):
         self.window_iters += 1
@@ -133,11 +142,13 @@ class TrainingLog:
         now = time.perf_counter()
         seconds = max(now - self.window_start, 1e-9) / max(self.window_iters, 1)
         mfu = self.flops_per_iter / seconds / self.peak_flops
-        self.bar.set_postfix_str(f"{'iter ' + str(progress.iter_num) + ', ' if self.timed else ''}loss {loss:.4f}, "
-                                 f"lr {lr:.2e}, {1000 * seconds:.0f} ms/iter, "
+        bpc = loss * self.bpc["train"]
+        self.bar.set_postfix_str(f"{'iter ' + str(progress.iter_num) + ', ' if self.timed else ''}loss {loss:.4f} "
+                                 f"({bpc:.3f} bpc), lr {lr:.2e}, {1000 * seconds:.0f} ms/iter, "
                                  f"{self.tokens_per_iter / seconds:,.0f} tok/s, MFU {mfu:.1%}", refresh=False)
         self.metrics.write(iter=progress.iter_num, kind="log", loss=f"{loss:.6f}", lr=f"{lr:.6e}",
-                           tokens=progress.iter_num * self.tokens_per_iter, elapsed_s=f"{progress.train_seconds:.3f}")
+                           tokens=progress.iter_num * self.tokens_per_iter, elapsed_s=f"{progress.train_seconds:.3f}",
+                           bpc=f"{bpc:.6f}")
         self.window_start, self.window_iters = now, 0
 
     def __enter__(self):

@@ -1,12 +1,12 @@
 """
-Prepare a character-level dataset: Tiny Shakespeare by default, or any UTF-8 text with --input.
+Prepare a dataset: Tiny Shakespeare by default, or any UTF-8 text with --input.
 
     python prepare_shakespeare.py                       # download Tiny Shakespeare
     python prepare_shakespeare.py --input my.txt --dataset my_text
 
 writes data/<dataset>/{input.txt, train.bin, val.bin, meta.pkl}: the first 90% of the characters
 are train, the rest val, as uint16 token ids; meta.pkl holds vocab_size, stoi and itos as nanoGPT's.
-This file is also the home of the character tokenizer (CharTokenizer).
+--tokenizer=bpe --vocab_size=N learns a byte-level BPE on the train split instead (tokenizer.py).
 """
 
 import argparse
@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from configurator import ConfigError, UserError, check, run_main
 from files import dead_leftovers, remove_leftovers, signals_deferred, write_atomic
+from tokenizer import BPETokenizer, CharTokenizer, load_tokenizer
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -36,67 +37,6 @@ def check_dataset_name(key, name, data_dir_key="data_dir"):
     """A dataset is a folder directly under data_dir: a name, not a path."""
     ok = name not in ("", ".", "..") and "/" not in name and os.sep not in name
     check(ok, key, name, f"the name of a folder under {data_dir_key}")
-
-
-class PlainDataUnpickler(pickle.Unpickler):
-    """Unpickles dicts, lists, strings and numbers only: those need no find_class, anything else does."""
-
-    def find_class(self, module, name):
-        raise pickle.UnpicklingError(f"it asks for {module}.{name}, and only plain data is loaded")
-
-
-class CharTokenizer:
-    """Maps each distinct character of a text to an integer id (sorted order, as the lecture)."""
-
-    def __init__(self, chars):
-        self.itos = dict(enumerate(chars))
-        self.stoi = {ch: i for i, ch in self.itos.items()}
-
-    @classmethod
-    def from_text(cls, text):
-        return cls(sorted(set(text)))
-
-    @classmethod
-    def load(cls, meta_path):
-        """The vocabulary in a meta.pkl (ours or nanoGPT's). Only plain data is unpickled: a pickle that
-        names any class or function (which is how pickles run code) is refused, not loaded."""
-        try:
-            with open(meta_path, "rb") as f:
-                meta = PlainDataUnpickler(f).load()
-            chars = [meta["itos"][i] for i in range(meta["vocab_size"])]
-        except FileNotFoundError:
-            raise DatasetError(f"{meta_path} not found; prepare the dataset with prepare_shakespeare.py") from None
-        except OSError as e:
-            raise DatasetError(f"can't read {meta_path}: {e.strerror}") from None
-        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
-            raise DatasetError(f"{meta_path} is not a vocabulary file ({type(e).__name__}: {e}); prepare the "
-                               f"dataset again with prepare_shakespeare.py") from None
-        if not all(isinstance(c, str) and len(c) == 1 for c in chars) or len(set(chars)) != len(chars):
-            raise DatasetError(f"{meta_path} is not a character vocabulary (its itos are not distinct single "
-                               f"characters); prepare the dataset again with prepare_shakespeare.py")
-        return cls(chars)
-
-    @property
-    def vocab_size(self):
-        return len(self.itos)
-
-    @property
-    def chars(self):
-        """The vocabulary as one string, in id order."""
-        return self.decode(range(self.vocab_size))
-
-    def encode(self, text):
-        unknown = sorted(set(text) - self.stoi.keys())
-        if unknown:
-            raise DatasetError(f"characters not in the vocabulary: {''.join(unknown)!r}; "
-                               f"use only characters of the training text")
-        return [self.stoi[ch] for ch in text]
-
-    def decode(self, ids):
-        return "".join(self.itos[i] for i in ids)
-
-    def meta(self):
-        return {"vocab_size": self.vocab_size, "itos": self.itos, "stoi": self.stoi}
 
 
 def sha256_of(path):
@@ -170,21 +110,33 @@ def copy_entry(src, dst):
         shutil.copy2(src, dst, follow_symlinks=False)
 
 
-def prepare(text, out_dir, tok=None, source=None):
-    """Tokenize text (with tok, or a vocabulary of its own characters) and write train.bin, val.bin,
-    meta.pkl and input.txt (a copy of the file `source`, or text) into out_dir; return the tokenizer.
+def make_tokenizer(kind, train_text, text, vocab_size):
+    """A tokenizer of the kind asked for: characters (those of the whole text), or a byte-level BPE
+    of vocab_size learnt on the train split only."""
+    if kind == "bpe":
+        print(f"learning a BPE of {vocab_size} tokens from {len(train_text):,} characters")
+        return BPETokenizer.train(train_text, vocab_size)
+    return CharTokenizer.from_text(text)
+
+
+def prepare(text, out_dir, tok=None, source=None, tokenizer="char", vocab_size=1024):
+    """Tokenize text (with tok, or a tokenizer of the kind `tokenizer` made for it) and write train.bin,
+    val.bin, meta.pkl and input.txt (a copy of the file `source`, or text) into out_dir; return the
+    tokenizer. The first 90% of the characters are train, the rest val, each encoded on its own.
 
     The four files are written into a new folder beside out_dir that then takes its place, so that a
     reader sees the old set or the new one, never a mix, even if this process is killed midway. Other
     files in out_dir (its README.md, a user's notes) are copied into the new folder first."""
-    tok = tok or CharTokenizer.from_text(text)
-    if tok.vocab_size > np.iinfo(np.uint16).max + 1:
-        raise DatasetError(f"the text has {tok.vocab_size} distinct characters; uint16 token files hold at most 65536")
     n = len(text)
     split = int(n * TRAIN_FRACTION)
     if split == 0 or split == n:
         raise DatasetError(f"the text has only {n} characters, too few to split into train and val")
-    ids = np.array(tok.encode(text), dtype=np.uint16)
+    tok = tok or make_tokenizer(tokenizer, text[:split], text, vocab_size)
+    if tok.vocab_size > np.iinfo(np.uint16).max + 1:
+        raise DatasetError(f"the text has {tok.vocab_size} distinct characters; uint16 token files hold at most 65536")
+    ids = {name: np.array(tok.encode(part), dtype=np.uint16) for name, part in (("train", text[:split]),
+                                                                                 ("val", text[split:]))}
+    meta = {**tok.meta(), "chars": {"train": split, "val": n - split}}  # for bits per character
     parent, name = os.path.split(os.path.abspath(out_dir))
     staging = os.path.join(parent, f".{name}.tmp{os.getpid()}")
     old = staging + ".old"
@@ -193,10 +145,10 @@ def prepare(text, out_dir, tok=None, source=None):
         restore_interrupted_swap(parent, name)
         remove_leftovers(parent, f".{name}.")
         os.makedirs(staging)
-        ids[:split].tofile(os.path.join(staging, "train.bin"))
-        ids[split:].tofile(os.path.join(staging, "val.bin"))
+        for name, part in ids.items():
+            part.tofile(os.path.join(staging, f"{name}.bin"))
         with open(os.path.join(staging, "meta.pkl"), "wb") as f:
-            pickle.dump(tok.meta(), f)
+            pickle.dump(meta, f)
         if source is not None:
             shutil.copyfile(source, os.path.join(staging, "input.txt"))
         else:
@@ -222,9 +174,9 @@ def prepare(text, out_dir, tok=None, source=None):
 
 
 def prepare_dataset(dataset=DEFAULT_DATASET, input_path=None, url=SHAKESPEARE_URL,
-                    sha256=SHAKESPEARE_SHA256, data_dir="data", vocab_from=None):
+                    sha256=SHAKESPEARE_SHA256, data_dir="data", vocab_from=None, tokenizer="char", vocab_size=1024):
     """Fetch (or copy) the text into data_dir/dataset/input.txt and prepare it; return the tokenizer.
-    vocab_from names a prepared dataset whose vocabulary to use (to fine-tune a model trained on it)."""
+    vocab_from names a prepared dataset whose tokenizer to use (to fine-tune a model trained on it)."""
     out_dir = os.path.join(data_dir, dataset)
     text_path = os.path.join(out_dir, "input.txt")
     restore_interrupted_swap(*os.path.split(os.path.abspath(out_dir)))  # its input.txt spares a download
@@ -233,7 +185,7 @@ def prepare_dataset(dataset=DEFAULT_DATASET, input_path=None, url=SHAKESPEARE_UR
         meta = os.path.join(data_dir, vocab_from, "meta.pkl")
         if not os.path.exists(meta):
             raise DatasetError(f"--vocab_from {vocab_from}: {meta} not found; prepare that dataset first")
-        tok = CharTokenizer.load(meta)
+        tok = load_tokenizer(meta)
     if input_path is not None:
         text = read_text(input_path)
     else:
@@ -246,9 +198,10 @@ def prepare_dataset(dataset=DEFAULT_DATASET, input_path=None, url=SHAKESPEARE_UR
             os.makedirs(out_dir, exist_ok=True)
             download(url, text_path, sha256)
         text = read_text(text_path)
-    tok = prepare(text, out_dir, tok, source=input_path or text_path)  # checks the text before writing anything
-    split = int(len(text) * TRAIN_FRACTION)
-    print(f"{out_dir}: vocab size {tok.vocab_size}, {split:,} train tokens, {len(text) - split:,} val tokens")
+    tok = prepare(text, out_dir, tok, input_path or text_path, tokenizer, vocab_size)  # checks before writing
+    tokens = {split: os.path.getsize(os.path.join(out_dir, f"{split}.bin")) // 2 for split in ("train", "val")}
+    print(f"{out_dir}: {tok.kind} tokenizer, vocab size {tok.vocab_size}, {tokens['train']:,} train tokens, "
+          f"{tokens['val']:,} val tokens ({len(text) / sum(tokens.values()):.2f} characters per token)")
     return tok
 
 
@@ -265,8 +218,18 @@ def main(argv):
     parser.add_argument("--sha256", default=SHAKESPEARE_SHA256,
                         help="expected SHA-256 of the download ('' to skip the check)")
     parser.add_argument("--data_dir", default="data", help="folder that holds the datasets")
-    parser.add_argument("--vocab_from", help="use the vocabulary of this prepared dataset (for fine-tuning)")
+    parser.add_argument("--vocab_from", help="use the tokenizer of this prepared dataset (for fine-tuning)")
+    parser.add_argument("--tokenizer", default="char", choices=("char", "bpe"),
+                        help="char: one token per character; bpe: byte-level BPE learnt on the train split")
+    parser.add_argument("--vocab_size", type=int, default=None,
+                        help="the BPE's number of tokens, 257 to 65536 (default 1024)")
     args = parser.parse_args(argv)
+    if args.vocab_size is not None and args.tokenizer != "bpe":
+        raise ConfigError("--vocab_size is for --tokenizer=bpe (a character vocabulary is the text's characters)")
+    vocab_size = 1024 if args.vocab_size is None else args.vocab_size
+    check(257 <= vocab_size <= 65536, "--vocab_size", vocab_size, "from 257 to 65536 (uint16 token files)")
+    if args.vocab_from is not None and (args.tokenizer != "char" or args.vocab_size is not None):
+        raise ConfigError("--vocab_from takes that dataset's tokenizer: drop --tokenizer and --vocab_size")
     check_dataset_name("--dataset", args.dataset, "--data_dir")
     if args.vocab_from is not None:
         check_dataset_name("--vocab_from", args.vocab_from, "--data_dir")
@@ -274,7 +237,8 @@ def main(argv):
     check(args.url.startswith(("http://", "https://")), "--url", args.url, "an http:// or https:// address")
     check(args.sha256 == "" or (len(args.sha256) == 64 and all(c in "0123456789abcdef" for c in args.sha256.lower())),
           "--sha256", args.sha256, "64 hexadecimal digits, or '' to skip the check")
-    prepare_dataset(args.dataset, args.input, args.url, args.sha256, args.data_dir, args.vocab_from)
+    prepare_dataset(args.dataset, args.input, args.url, args.sha256, args.data_dir, args.vocab_from, args.tokenizer,
+                    vocab_size)
 
 
 if __name__ == "__main__":

@@ -87,9 +87,11 @@ def sample(cfg, out=sys.stdout):
     idx = torch.tensor([tok.encode(prompt)], dtype=torch.long, device=device)
     if cfg.num_samples == 1:  # stream it, character by character
         out.write(prompt)
+        decode = tok.stream_decoder()  # a character split between BPE tokens waits for its last byte
         for token in model.generate_tokens(idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k):
-            out.write(tok.decode(token[0].tolist()))
+            out.write(decode(token[0].tolist()))
             out.flush()
+        out.write(decode([], final=True))
         out.write("\n---------------\n")
     else:
         # All samples at once, as one batch: a step costs little more for 10 rows than for one, since

@@ -32,14 +32,15 @@ from device import (DeviceSettings, Processes, any_process, autocast_context, ch
 from files import lock_out_dir, remove_leftovers
 from metrics import TrainingLog, plot_metrics, record_config, start_wandb
 from model import GPTConfig, build_model
-from prepare_shakespeare import DEFAULT_DATASET, CharTokenizer, check_dataset_name, prepare_dataset
+from prepare_shakespeare import DEFAULT_DATASET, check_dataset_name, prepare_dataset
 from speedups import speed_up_training
+from tokenizer import bits_per_char, load_tokenizer, read_meta
 
 
 @dataclass
 class TrainConfig(GPTConfig, DeviceSettings):
     """The training recipe's settings, then the model's (GPTConfig) and where it runs (DeviceSettings)."""
-    not_settings: ClassVar = {"vocab_size": "it is the dataset's number of characters (its meta.pkl)"}
+    not_settings: ClassVar = {"vocab_size": "it is the dataset's number of tokens (its meta.pkl)"}
     # I/O
     out_dir: str = "out"  # where checkpoints, config.json, metrics.csv and loss.png go
     eval_interval: int = 250  # evaluate (and save if val loss improved) every this many iterations, and at the end
@@ -135,15 +136,26 @@ def load_dataset(cfg, procs=Processes(), device="cpu"):
     """The dataset's tokenizer, once rank 0 has prepared the dataset if needed; its files are checked."""
     on_rank0(lambda: ensure_prepared(cfg), procs, device)
     ddir = dataset_dir(cfg)
-    tok = CharTokenizer.load(os.path.join(ddir, "meta.pkl"))
+    tok = load_tokenizer(os.path.join(ddir, "meta.pkl"))
     for split in ("train", "val"):
         path = os.path.join(ddir, f"{split}.bin")
         size = os.path.getsize(path)
         if size % 2 or (size and int(np.memmap(path, dtype=np.uint16, mode="r").max()) >= tok.vocab_size):
             raise UserError(f"{path} does not belong with {ddir}/meta.pkl (token ids beyond its {tok.vocab_size} "
-                            f"characters, or a truncated file); prepare the dataset again with prepare_shakespeare.py")
+                            f"tokens, or a truncated file); prepare the dataset again with prepare_shakespeare.py")
         check_longer_than_a_block(path, cfg.block_size)
     return tok
+
+
+def bits_per_char_scales(cfg):
+    """For each split, what turns a loss per token (nats) into bits per character of its text, so
+    that character and BPE models compare on one scale (tokenizer.bits_per_char)."""
+    chars = read_meta(os.path.join(dataset_dir(cfg), "meta.pkl")).get("chars", {})
+    scales = {}
+    for split in ("train", "val"):
+        tokens = token_count(os.path.join(dataset_dir(cfg), f"{split}.bin"))
+        scales[split] = bits_per_char(1.0, tokens, chars.get(split, tokens))  # nanoGPT's: a token per character
+    return scales
 
 
 def read_windows(path, starts, block_size, device):
@@ -231,7 +243,7 @@ def init_model(cfg, tok, device):
     model = model_from_checkpoint(checkpoint)
     if not same_vocabulary(checkpoint, tok):
         raise CheckpointError(f"{path} was trained with another vocabulary than dataset '{cfg.dataset}' has "
-                              f"({model.config.vocab_size} vs {tok.vocab_size} characters); prepare the dataset "
+                              f"({model.config.vocab_size} vs {tok.vocab_size} tokens); prepare the dataset "
                               f"with --vocab_from set to the checkpoint's dataset")
     return adopt_checkpoint_model(cfg, model, resuming), model, checkpoint
 
@@ -341,9 +353,12 @@ def evaluate_only(model, cfg, device, ctx, procs):
     over the whole val split."""
     losses = estimate_loss(model, cfg, device, ctx, procs)
     losses["val_full"] = whole_val_loss(model, cfg, device, ctx, procs)
+    bpc = bits_per_char_scales(cfg)
     if procs.master:
-        print(f"eval: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
-              f"(over {cfg.eval_iters} batches); val loss over the whole val split: {losses['val_full']:.4f}")
+        print(f"eval: train loss {losses['train']:.4f} ({losses['train'] * bpc['train']:.4f} bpc), val loss "
+              f"{losses['val']:.4f} ({losses['val'] * bpc['val']:.4f} bpc) (over {cfg.eval_iters} batches); "
+              f"val loss over the whole val split: {losses['val_full']:.4f} ({losses['val_full'] * bpc['val']:.4f} "
+              f"bits per character)")
     return losses
 
 
@@ -500,9 +515,9 @@ def report_start(model, cfg, tokens_per_iter, dtype, device, procs):
           + (f" | processes: {procs.world_size}" if procs.world_size > 1 else ""))
 
 
-def report_end(cfg, progress, val_full, val_seconds, start_iter):
+def report_end(cfg, progress, val_full, val_bpc, val_seconds, start_iter):
     print(f"trained {progress.iter_num} iterations in {progress.train_seconds:.1f} s of training time; "
-          f"val loss over the whole val split: {val_full:.4f} (in {val_seconds:.1f} s)")
+          f"val loss over the whole val split: {val_full:.4f} ({val_bpc:.4f} bits per character, in {val_seconds:.1f} s)")
     if not os.path.exists(os.path.join(cfg.out_dir, CKPT_NAME)):
         print(f"no checkpoint written: the val loss never improved on step {start_iter}'s "
               f"(--always_save_checkpoint=True keeps the last model anyway)")
@@ -569,7 +584,7 @@ def train(cfg):
         def save(path, val_loss=None):
             """Write the run's state to path. Every process calls this: each adds its random state; rank 0 writes."""
             rng = gather_from_all(capture_rng(data_rng, device), procs)
-            state = lambda: training_checkpoint(raw_model, optimizer, scaler, progress, cfg, tok.chars, rng, val_loss)
+            state = lambda: training_checkpoint(raw_model, optimizer, scaler, progress, cfg, tok, rng, val_loss)
             on_rank0(lambda: save_checkpoint(state(), path), procs, device)  # all wait for rank 0's save
 
         wandb_run = on_rank0(lambda: start_wandb(cfg) if cfg.wandb_log else None, procs, device)
@@ -582,8 +597,9 @@ def train(cfg):
         clocked = timed or progress.schedule_seconds > 0  # the step times count: for the budget, or for the lr
         start_iter = progress.iter_num
 
+        bpc = bits_per_char_scales(cfg)
         with StopSignals() as stop, TrainingLog(cfg, progress, tokens_per_iter, flops, peak, procs.master,
-                                                wandb_run) as log:
+                                                wandb_run, bpc) as log:
             while True:
                 # every process holds the same train_seconds (rank 0's clock), so they agree on the end
                 done = progress.iter_num >= cfg.max_iters or (timed and progress.train_seconds >= cfg.max_seconds)
@@ -630,7 +646,8 @@ def train(cfg):
         t0 = time.perf_counter()
         losses["val_full"] = whole_val_loss(raw_model, cfg, device, ctx, procs)
         if procs.master:
-            report_end(cfg, progress, losses["val_full"], time.perf_counter() - t0, start_iter)
+            report_end(cfg, progress, losses["val_full"], losses["val_full"] * bpc["val"], time.perf_counter() - t0,
+                       start_iter)
         return losses
 
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import train
-from helpers import prepare_tiny, run_in_process, run_script, tiny_config
+from helpers import TINY_TEXT, prepare_tiny, run_in_process, run_script, tiny_config
+from prepare_shakespeare import prepare
 
 
 class Hostile:
@@ -62,6 +63,13 @@ def world(tmp_path_factory):
             (ds / split).write_bytes((root / "data" / "tiny" / split).read_bytes())
         with open(ds / "meta.pkl", "wb") as f:
             f.write(payload) if isinstance(payload, bytes) else pickle.dump(payload, f)
+    ds = root / "data" / "meta_badmerges"  # a BPE whose second merge names a token made after it
+    ds.mkdir()
+    for split in ("train.bin", "val.bin"):
+        (ds / split).write_bytes((root / "data" / "tiny" / split).read_bytes())
+    with open(ds / "meta.pkl", "wb") as f:
+        pickle.dump({"vocab_size": 258, "tokenizer": "bpe", "merges": [(97, 98), (300, 99)]}, f)
+    prepare(TINY_TEXT, str(root / "data" / "tiny_bpe"), tokenizer="bpe", vocab_size=300)
     ds = root / "data" / "odd_bin"
     ds.mkdir()
     for name in ("train.bin", "val.bin", "meta.pkl"):
@@ -105,7 +113,7 @@ train --compile=yes                                                | compile mus
 train --optimizer=sgd                                              | optimizer must be one of 'adamw', 'muon'
 train --backend=mpi                                                | backend must be one of
 train --pos_encoding=alibi                                         | pos_encoding must be 'learned', 'sinusoidal' or 'rope'
-train --vocab_size=100                                             | '--vocab_size' is not a setting here: it is the dataset's number of characters
+train --vocab_size=100                                             | '--vocab_size' is not a setting here: it is the dataset's number of tokens
 train --init_from=gpt2-xl                                          | GPT-2 weights are not supported
 train --max_seconds=-1                                             | max_seconds must be >= 0
 train --eval_iters=0                                               | eval_iters must be positive
@@ -127,6 +135,8 @@ train --init_from=resume --batch_size=4                            | was trained
 train --dataset=meta_notpickle                                     | meta.pkl is not a vocabulary file
 train --dataset=meta_hostile                                       | meta.pkl is not a vocabulary file (UnpicklingError: it asks for
 train --dataset=meta_wrongshape                                    | meta.pkl is not a vocabulary file
+train --dataset=meta_badmerges                                     | meta.pkl is not a vocabulary file (ValueError: a merge names an id not made before it)
+train '--init_from={d}/../out' --dataset=tiny_bpe '--out_dir={d}/ft' | was trained with another vocabulary than dataset 'tiny_bpe' has (43 vs 300 tokens)
 train --dataset=odd_bin                                            | does not belong with
 train --dataset=missing                                            | dataset 'missing' is not prepared
 train --init_from=resume '--out_dir={d}/nowhere'                   | no checkpoint at {d}/nowhere/ckpt.pt
@@ -157,6 +167,10 @@ prepare --input '{d}/nothere.txt'                                  | not found
 prepare --input '{d}/foreign.txt' --vocab_from meta_hostile        | meta.pkl is not a vocabulary file
 prepare --input '{d}/foreign.txt' --vocab_from tiny                | characters not in the vocabulary
 prepare --input '{d}/foreign.txt' --data_dir '{d}/latin1.txt/data' | could not write the dataset
+prepare --input '{d}/foreign.txt' --vocab_size=300                | --vocab_size is for --tokenizer=bpe
+prepare --input '{d}/foreign.txt' --tokenizer=bpe --vocab_size=100 | --vocab_size must be from 257 to 65536 (uint16 token files), got 100
+prepare --input '{d}/foreign.txt' --tokenizer=wordpiece            | argument --tokenizer: invalid choice: 'wordpiece'
+prepare --input '{d}/foreign.txt' --tokenizer=bpe --vocab_from tiny | --vocab_from takes that dataset's tokenizer
 prepare --dataset ../x                                             | --dataset must be the name of a folder under --data_dir, got '../x'
 prepare --url ftp://x/y                                            | --url must be an http:// or https:// address
 prepare --sha256 abc                                               | --sha256 must be 64 hexadecimal digits

@@ -76,7 +76,7 @@ def test_unknown_key_in_config_file(tmp_path):
 
 def test_a_field_the_script_sets_itself_is_not_a_setting(tmp_path):
     with pytest.raises(ConfigError, match="'--vocab_size' is not a setting here: it is the dataset's number of "
-                                          "characters"):
+                                          "tokens"):
         configure(TrainConfig, ["--vocab_size=100"])
     path = tmp_path / "cfg.py"
     path.write_text("vocab_size = 100\n")

@@ -120,6 +120,6 @@ def test_log_lines_show_ms_per_iteration_and_mfu(tiny_cfg, capsys):
     with TrainingLog(tiny_cfg, Progress(), tokens_per_iter=256, flops_per_iter=1e9, peak_flops=4e9, master=True) as log:
         log.window_start, log.window_iters = time.perf_counter() - 2.0, 2  # two iterations in 2 s
         log.log(Progress(iter_num=10), loss=1.5, lr=1e-3)
-        assert "loss 1.5000, lr 1.00e-03, 1000 ms/iter, 256 tok/s, MFU 25.0%" in log.bar.postfix
+        assert "loss 1.5000 (2.164 bpc), lr 1.00e-03, 1000 ms/iter, 256 tok/s, MFU 25.0%" in log.bar.postfix
     train(tiny_cfg)
     assert re.search(r"\d+ ms/iter, [\d,]+ tok/s, MFU \d+\.\d%", capsys.readouterr().err)  # a real run's

@@ -12,7 +12,7 @@ import nanogpt_reference as nano
 from configurator import ConfigError, configure
 from helpers import assert_same_weights
 from model import GPT, GPTConfig
-from prepare_shakespeare import CharTokenizer
+from tokenizer import load_tokenizer
 from sample import SampleConfig
 from checkpoint import load_checkpoint, model_from_checkpoint, restore_training_state, save_checkpoint
 from train import TrainConfig, train
@@ -32,7 +32,7 @@ def batches(cfg, n, seed=0):
 
 
 def vocab_size(cfg):
-    return CharTokenizer.load(os.path.join(cfg.data_dir, cfg.dataset, "meta.pkl")).vocab_size
+    return load_tokenizer(os.path.join(cfg.data_dir, cfg.dataset, "meta.pkl")).vocab_size
 
 
 def ours_resumed(path, cfg):
@@ -113,7 +113,7 @@ def test_checkpoints_from_before_nanogpt_order_still_resume(tiny_cfg, optimizer)
     os.makedirs(cfg.out_dir)
     path = os.path.join(cfg.out_dir, "ckpt.pt")
     state = {"muon": opts["muon"].state_dict(), "adamw": adamw.state_dict()} if hidden else adamw.state_dict()
-    tok = CharTokenizer.load(os.path.join(cfg.data_dir, cfg.dataset, "meta.pkl"))
+    tok = load_tokenizer(os.path.join(cfg.data_dir, cfg.dataset, "meta.pkl"))
     save_checkpoint({"model": model.state_dict(), "optimizer": state, "model_args": dict(SHAPE, vocab_size=tok.vocab_size,
                      dropout=0.0), "iter_num": 3, "best_val_loss": 3.0, "config": dataclasses.asdict(cfg),
                      "vocab": tok.chars}, path)

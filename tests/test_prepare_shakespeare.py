@@ -12,22 +12,10 @@ import numpy as np
 import pytest
 
 from helpers import REPO, TINY_TEXT
-from prepare_shakespeare import CharTokenizer, DatasetError, main, prepare, prepare_dataset, read_text
+from prepare_shakespeare import DatasetError, main, prepare, prepare_dataset, read_text
+from tokenizer import CharTokenizer, TokenizerError, load_tokenizer
 
 TEXT = "hello world\nà bientôt, Ελλάδα!\n" * 50  # non-ASCII, well within uint16
-
-
-def test_tokenizer_round_trip():
-    tok = CharTokenizer.from_text(TEXT)
-    assert tok.decode(tok.encode(TEXT)) == TEXT
-    assert tok.vocab_size == len(set(TEXT))
-    assert tok.itos[0] == "\n" and tok.encode(" ") == [1]  # sorted order, as the lecture
-
-
-def test_tokenizer_rejects_unknown_characters():
-    tok = CharTokenizer.from_text("abc")
-    with pytest.raises(DatasetError, match="'xz'"):
-        tok.encode("axcz")
 
 
 def test_prepare_writes_splits_and_meta(tmp_path):
@@ -41,7 +29,7 @@ def test_prepare_writes_splits_and_meta(tmp_path):
         meta = pickle.load(f)
     assert meta["vocab_size"] == tok.vocab_size > 65 - 60
     assert meta["stoi"] == tok.stoi and meta["itos"] == tok.itos
-    assert CharTokenizer.load(tmp_path / "meta.pkl").stoi == tok.stoi
+    assert load_tokenizer(tmp_path / "meta.pkl").stoi == tok.stoi
 
 
 @pytest.mark.parametrize("content, message", [(b"", "empty"), (b"\xff\xfe bad", "not UTF-8")])
@@ -137,37 +125,12 @@ def test_vocab_from_refuses_foreign_characters_and_writes_nothing(tmp_path):
     prepare("abc abc\n" * 20, str(tmp_path / "base"))
     src = tmp_path / "new.txt"
     src.write_text("abc xyz\n" * 20, encoding="utf-8")
-    with pytest.raises(DatasetError, match="characters not in the vocabulary: 'xyz'"):
+    with pytest.raises(TokenizerError, match="characters not in the vocabulary: 'xyz'"):
         prepare_dataset("new", input_path=str(src), data_dir=str(tmp_path), vocab_from="base")
     assert not (tmp_path / "new").exists()
     src.write_text("cab bac\n" * 20, encoding="utf-8")
     tok = prepare_dataset("new", input_path=str(src), data_dir=str(tmp_path), vocab_from="base")
-    assert tok.stoi == CharTokenizer.load(tmp_path / "base" / "meta.pkl").stoi  # the base's ids, not its own
-
-
-def test_nanogpt_meta_pkl_loads(tmp_path):
-    """meta.pkl as nanoGPT's data/shakespeare_char/prepare.py writes it."""
-    data = TINY_TEXT
-    chars = sorted(list(set(data)))
-    stoi = {ch: i for i, ch in enumerate(chars)}
-    itos = {i: ch for i, ch in enumerate(chars)}
-    with open(tmp_path / "meta.pkl", "wb") as f:
-        pickle.dump({"vocab_size": len(chars), "itos": itos, "stoi": stoi}, f)
-    assert CharTokenizer.load(str(tmp_path / "meta.pkl")).chars == "".join(chars)
-
-
-def test_a_pickle_that_would_run_code_is_refused(tmp_path):
-    marker = tmp_path / "ran"
-
-    class Payload:
-        def __reduce__(self):
-            return (open, (str(marker), "w"))
-
-    with open(tmp_path / "meta.pkl", "wb") as f:
-        pickle.dump({"vocab_size": 1, "itos": {0: Payload()}, "stoi": {}}, f)
-    with pytest.raises(DatasetError, match="not a vocabulary file .*it asks for .*open, and only plain data"):
-        CharTokenizer.load(str(tmp_path / "meta.pkl"))
-    assert not marker.exists()
+    assert tok.stoi == load_tokenizer(tmp_path / "base" / "meta.pkl").stoi  # the base's ids, not its own
 
 
 def dead_pid():
@@ -183,7 +146,7 @@ def test_preparing_again_replaces_the_whole_set_and_removes_leftovers(tmp_path):
     leftover.mkdir()
     (leftover / "train.bin").write_bytes(b"\0\0")
     tok = prepare(TINY_TEXT, str(out))
-    assert CharTokenizer.load(str(out / "meta.pkl")).chars == tok.chars
+    assert load_tokenizer(str(out / "meta.pkl")).chars == tok.chars
     assert tok.decode(np.fromfile(out / "val.bin", dtype=np.uint16).tolist()) == TINY_TEXT[int(len(TINY_TEXT) * 0.9):]
     assert (out / "input.txt").read_text(encoding="utf-8") == TINY_TEXT
     assert sorted(os.listdir(tmp_path / "data")) == ["mine"]
@@ -281,7 +244,7 @@ def test_a_signal_at_any_step_of_preparing_leaves_a_whole_set(tmp_path, monkeypa
         assert now == old
     else:  # the swap had begun: it was finished before the signal acted
         assert now["input.txt"] == TINY_TEXT.encode() and now["README.md"] == b"# mine\n"
-        assert CharTokenizer.load(str(out / "meta.pkl")).decode(np.fromfile(out / "val.bin", dtype=np.uint16).tolist()) \
+        assert load_tokenizer(str(out / "meta.pkl")).decode(np.fromfile(out / "val.bin", dtype=np.uint16).tolist()) \
             == TINY_TEXT[int(len(TINY_TEXT) * 0.9):]
     assert sorted(os.listdir(tmp_path / "data")) == ["mine"]
 

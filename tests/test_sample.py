@@ -108,7 +108,7 @@ def test_vocabulary_mismatch(trained):
     wte = ckpt["model"]["transformer.wte.weight"]
     ckpt["model"]["transformer.wte.weight"] = ckpt["model"]["lm_head.weight"] = torch.cat([wte, wte[:1]])
     save_checkpoint(ckpt, path)
-    with pytest.raises(UserError, match="holds a vocabulary of 43 characters but its model has 44"):
+    with pytest.raises(UserError, match="holds a vocabulary of 43 tokens but its model has 44"):
         sample(sample_cfg(trained))
     del ckpt["vocab"]  # as nanoGPT's: the vocabulary comes from the dataset's meta.pkl, which does not fit
     save_checkpoint(ckpt, path)
@@ -160,3 +160,26 @@ def test_bigram_checkpoint_samples(tiny_cfg):
     sample(sample_cfg(cfg, start="ROMEO:", num_samples=2, max_new_tokens=20), out=buf)
     a, b, _ = buf.getvalue().split("---------------\n")
     assert a.startswith("ROMEO:") and len(a) == 6 + 20 + 1 and a != b
+
+
+def test_a_bpe_model_samples_whole_characters_and_fine_tunes_with_its_merges(tiny_cfg, tmp_path):
+    """A BPE checkpoint decodes its tokens; one stream never prints half a character, even where a
+    character's bytes are split between tokens; --vocab_from gives a new text the same merges."""
+    from prepare_shakespeare import prepare_dataset
+    text = ("ROMEO: café 🙂 — " * 40) + "JULIET: naïve 中文\n" * 40
+    src = tmp_path / "odd.txt"
+    src.write_text(text, encoding="utf-8")
+    tok = prepare_dataset("odd", input_path=str(src), data_dir=tiny_cfg.data_dir, tokenizer="bpe", vocab_size=270)
+    cfg = dataclasses.replace(tiny_cfg, dataset="odd", block_size=16, max_iters=20, lr_decay_iters=20)
+    train(cfg)
+    one, two = io.StringIO(), io.StringIO()  # streamed token by token, and decoded whole at the end
+    sample(sample_cfg(cfg, start="JULIET: ", num_samples=1, max_new_tokens=60, temperature=0.0), out=one)
+    sample(sample_cfg(cfg, start="JULIET: ", num_samples=2, max_new_tokens=60, temperature=0.0), out=two)
+    assert two.getvalue() == one.getvalue() * 2 and one.getvalue().startswith("JULIET: ")
+    (tmp_path / "more.txt").write_text("ROMEO: 🙂 café\n" * 30, encoding="utf-8")
+    tuned = prepare_dataset("more", input_path=str(tmp_path / "more.txt"), data_dir=tiny_cfg.data_dir,
+                            vocab_from="odd")
+    assert tuned == tok
+    losses = train(dataclasses.replace(cfg, dataset="more", init_from=cfg.out_dir, out_dir=cfg.out_dir + "-ft",
+                                       max_iters=10, lr_decay_iters=10))
+    assert losses["val_full"] > 0

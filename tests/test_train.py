@@ -433,3 +433,29 @@ def test_the_whole_val_pass_runs_in_large_batches_whatever_the_training_batch(ti
     model = model_from_checkpoint(load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt")))
     small_batches = real(model.eval(), os.path.join(cfg.data_dir, "tiny", "val.bin"), 8, 2, "cpu", nullcontext())
     assert abs(losses["val_full"] - small_batches) < 1e-5  # the batch changes the speed, not the figure
+
+
+def test_a_bpe_dataset_trains_resumes_exactly_and_reports_bits_per_character(tiny_cfg, capsys):
+    """The same recipe on a byte-level BPE: the checkpoint carries the merges, a resumed run equals a
+    straight one, and every loss is also given in bits per character of the text."""
+    from tokenizer import load_tokenizer
+    prepare(TINY_TEXT, os.path.join(tiny_cfg.data_dir, "tiny_bpe"), tokenizer="bpe", vocab_size=300)
+    tok = load_tokenizer(os.path.join(tiny_cfg.data_dir, "tiny_bpe", "meta.pkl"))
+    cfg = dataclasses.replace(tiny_cfg, dataset="tiny_bpe", block_size=16, always_save_checkpoint=True,
+                              eval_interval=10, dropout=0.1)
+    train(dataclasses.replace(cfg, max_iters=20))
+    resumed = train(dataclasses.replace(cfg, init_from="resume"))
+    straight = train(dataclasses.replace(cfg, out_dir=cfg.out_dir + "-straight"))
+    assert resumed == straight
+    assert_same_weights(os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir + "-straight", "ckpt.pt"))
+    ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))
+    assert ckpt["model_args"]["vocab_size"] == 300 and ckpt["tokenizer"]["merges"] == tok.merges
+    val = np.fromfile(os.path.join(cfg.data_dir, "tiny_bpe", "val.bin"), dtype=np.uint16)
+    val_chars = len(TINY_TEXT) - int(len(TINY_TEXT) * 0.9)
+    bpc = straight["val_full"] * len(val) / val_chars / math.log(2)
+    out = capsys.readouterr().out
+    assert f"val loss over the whole val split: {straight['val_full']:.4f} ({bpc:.4f} bits per character" in out
+    assert len(val) < val_chars / 1.5  # BPE tokens hold several characters: bpc is not loss / ln 2 here
+    with open(os.path.join(cfg.out_dir, "metrics.csv")) as f:
+        row = [r for r in csv.DictReader(f) if r["kind"] == "eval"][-1]
+    assert float(row["val_bpc"]) == pytest.approx(float(row["val_loss"]) * len(val) / val_chars / math.log(2), rel=1e-5)
