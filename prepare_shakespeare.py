@@ -222,12 +222,13 @@ def main(argv):
     parser.add_argument("--tokenizer", default="char", choices=("char", "bpe"),
                         help="char: one token per character; bpe: byte-level BPE learnt on the train split")
     parser.add_argument("--vocab_size", type=int, default=None,
-                        help="the BPE's number of tokens, 257 to 65536 (default 1024)")
+                        help="the BPE's number of tokens, 256 (the bytes alone) to 65536 (default 1024)")
     args = parser.parse_args(argv)
     if args.vocab_size is not None and args.tokenizer != "bpe":
         raise ConfigError("--vocab_size is for --tokenizer=bpe (a character vocabulary is the text's characters)")
     vocab_size = 1024 if args.vocab_size is None else args.vocab_size
-    check(257 <= vocab_size <= 65536, "--vocab_size", vocab_size, "from 257 to 65536 (uint16 token files)")
+    check(256 <= vocab_size <= 65536, "--vocab_size", vocab_size,
+          "from 256 (the bytes alone) to 65536 (uint16 token files)")
     if args.vocab_from is not None and (args.tokenizer != "char" or args.vocab_size is not None):
         raise ConfigError("--vocab_from takes that dataset's tokenizer: drop --tokenizer and --vocab_size")
     check_dataset_name("--dataset", args.dataset, "--data_dir")

@@ -168,7 +168,7 @@ prepare --input '{d}/foreign.txt' --vocab_from meta_hostile        | meta.pkl is
 prepare --input '{d}/foreign.txt' --vocab_from tiny                | characters not in the vocabulary
 prepare --input '{d}/foreign.txt' --data_dir '{d}/latin1.txt/data' | could not write the dataset
 prepare --input '{d}/foreign.txt' --vocab_size=300                | --vocab_size is for --tokenizer=bpe
-prepare --input '{d}/foreign.txt' --tokenizer=bpe --vocab_size=100 | --vocab_size must be from 257 to 65536 (uint16 token files), got 100
+prepare --input '{d}/foreign.txt' --tokenizer=bpe --vocab_size=100 | --vocab_size must be from 256 (the bytes alone) to 65536 (uint16 token files), got 100
 prepare --input '{d}/foreign.txt' --tokenizer=wordpiece            | argument --tokenizer: invalid choice: 'wordpiece'
 prepare --input '{d}/foreign.txt' --tokenizer=bpe --vocab_from tiny | --vocab_from takes that dataset's tokenizer
 prepare --dataset ../x                                             | --dataset must be the name of a folder under --data_dir, got '../x'
