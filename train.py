@@ -352,13 +352,15 @@ def evaluate_only(model, cfg, device, ctx, procs):
     """--eval_only: the checkpoint's loss on eval_iters batches of each split (nanoGPT's estimate) and
     over the whole val split."""
     losses = estimate_loss(model, cfg, device, ctx, procs)
+    t0 = time.perf_counter()
     losses["val_full"] = whole_val_loss(model, cfg, device, ctx, procs)
+    seconds = time.perf_counter() - t0
     bpc = bits_per_char_scales(cfg)
     if procs.master:
         print(f"eval: train loss {losses['train']:.4f} ({losses['train'] * bpc['train']:.4f} bpc), val loss "
               f"{losses['val']:.4f} ({losses['val'] * bpc['val']:.4f} bpc) (over {cfg.eval_iters} batches); "
               f"val loss over the whole val split: {losses['val_full']:.4f} ({losses['val_full'] * bpc['val']:.4f} "
-              f"bits per character)")
+              f"bits per character, in {seconds:.1f} s)")
     return losses
 
 
