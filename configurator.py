@@ -12,8 +12,10 @@ and returns a new instance. Values are Python literals (`--lr=3e-4`, `--bias=Tru
 import ast
 import dataclasses
 import difflib
+import inspect
 import math
 import os
+import re
 import sys
 import types
 import typing
@@ -32,7 +34,10 @@ def configure(config_class, argv):
     """Return config_class() updated by the config files and --key=value overrides in argv.
     --help (or -h) prints every setting instead, and exits."""
     if "--help" in argv or "-h" in argv:
-        print(help_text(config_class))
+        try:
+            print(help_text(config_class), flush=True)
+        except BrokenPipeError:  # `--help | head`: the reader has what it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise SystemExit(0)
     fields = {f.name: f for f in dataclasses.fields(config_class)}
     values = {}
@@ -75,8 +80,15 @@ def help_text(config_class):
                 kind = getattr(f.type, "__name__", str(f.type))
                 rows.append(f"    {setting:<34} {kind:<11} {text}")
         if any(not r.endswith(":") for r in rows):
-            lines += [f"{klass.__name__} ({klass.__module__}.py):"] + rows + [""]
+            lines += [f"{klass.__name__} ({_file_name(klass)}):"] + rows + [""]
     return "\n".join(lines).rstrip()
+
+
+def _file_name(klass):
+    try:
+        return os.path.basename(inspect.getfile(klass))
+    except TypeError:
+        return klass.__module__
 
 
 def show_value(value):
@@ -89,8 +101,6 @@ def show_value(value):
 def _commented_fields(klass):
     """(field name, its comment) for each field a dataclass declares, in order, and (None, text) for
     a comment line of its own among them."""
-    import inspect
-    import re
     try:
         source = inspect.getsource(klass)
     except (OSError, TypeError):

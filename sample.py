@@ -24,9 +24,9 @@ class SampleConfig(DeviceSettings):
     out_dir: str | None = None  # None: the most recently written */ckpt.pt under the current folder
     start: str = "\n"  # the prompt, or FILE:path to read it from a file
     num_samples: int = 10  # samples to print (made together, as one batch); 1 streams as it is made
-    max_new_tokens: int = 500  # characters to generate per sample
+    max_new_tokens: int = 500  # tokens to generate per sample (characters, for a character model)
     temperature: float = 0.8  # 1.0 samples the model's distribution, < 1 is more conservative, 0 is greedy
-    top_k: int | None = 200  # keep only the top_k most likely characters (None: all)
+    top_k: int | None = 200  # keep only the top_k most likely tokens (None: all)
     seed: int = 1337  # the same seed makes the same text
     data_dir: str = "data"  # where nanoGPT's checkpoints (which hold no vocabulary) find their meta.pkl
 
