@@ -11,7 +11,6 @@ the KV cache, and peak memory. With
 alternating the two so that both see the same machine conditions, and reports the ratios.
 """
 
-import copy
 import os
 import platform
 import statistics

@@ -112,7 +112,7 @@ def _commented_fields(klass):
         group = re.match(r"^    #\s*(.+)$", line)
         if field and field.group(1) in own:
             found.append((field.group(1), (field.group(2) or "").strip()))
-        elif group and found is not None:
+        elif group:
             found.append((None, group.group(1).strip()))
         elif re.match(r"^    (def|@)", line):
             break

@@ -126,8 +126,8 @@ def pack_linears(model, batch_size):
             or any(m.weight.device.type != "cpu" for m in linears)):
         return model
     try:
-        PackedLinear(linears[0], batch_size)
+        packed = {id(m): PackedLinear(m, batch_size) for m in linears}
     except (RuntimeError, AttributeError):  # "bf16 path needs the cpu support avx512bw ...", or a PyTorch
         return model  # without these (private) oneDNN ops
-    replace_modules(model, nn.Linear, lambda m: PackedLinear(m, batch_size))
+    replace_modules(model, nn.Linear, lambda m: packed[id(m)])
     return model

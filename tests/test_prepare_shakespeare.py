@@ -13,7 +13,7 @@ import pytest
 
 from helpers import REPO, TINY_TEXT
 from prepare_shakespeare import DatasetError, main, prepare, prepare_dataset, read_text
-from tokenizer import CharTokenizer, TokenizerError, load_tokenizer
+from tokenizer import TokenizerError, load_tokenizer
 
 TEXT = "hello world\nà bientôt, Ελλάδα!\n" * 50  # non-ASCII, well within uint16
 
