@@ -27,6 +27,10 @@ class GPTConfig:
     bias: bool = False  # bias in Linear and LayerNorm layers: GPT-2 had them; nanoGPT trains without
     model_type: str = "gpt"  # 'gpt', or 'bigram': the lecture's first model, a next-character lookup table
     pos_encoding: str = "learned"  # 'learned' (GPT-2, the lecture's), 'sinusoidal' (fixed) or 'rope' (rotary)
+    # Ideas from fast GPT training recipes (modded-nanogpt), off by default (the lecture's model):
+    bigram_table: bool = False  # add a learned (vocab, vocab) table of next-token logits, looked up by the current token
+    embed_skip: bool = False  # every block's input also gets a learned share of the token embeddings
+    value_embed: bool = False  # attention values also get a learned token embedding, in every layer
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -117,8 +121,10 @@ class CausalSelfAttention(nn.Module):
         self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.flash = True  # PyTorch's fused attention kernel; False: the lecture's maths, written out
+        if config.value_embed:
+            self.value_gain = nn.Parameter(torch.ones(1))
 
-    def forward(self, x, kv_cache=None, rope=None):
+    def forward(self, x, kv_cache=None, rope=None, value_embed=None):
         B, T, C = x.size()  # batch, time (sequence length), channels (n_embd)
         # queries, keys and values, each split into heads: (B, T, 3C) -> (3, B, nh, T, hs)
         qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
@@ -126,6 +132,8 @@ class CausalSelfAttention(nn.Module):
             (q, k), v = apply_rope(qkv[:2], *rope), qkv[2]
         else:
             q, k, v = qkv
+        if value_embed is not None:  # (B, T, C): what each token is, straight into what it passes on
+            v = v + self.value_gain * value_embed.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         if kv_cache is not None:
             if kv_cache.pos > 0 and T > 1:
                 raise ValueError("a KV cache extends one token at a time after the prompt")
@@ -171,8 +179,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, kv_cache=None, rope=None):
-        x = x + self.attn(self.ln_1(x), kv_cache, rope)
+    def forward(self, x, kv_cache=None, rope=None, value_embed=None):
+        x = x + self.attn(self.ln_1(x), kv_cache, rope, value_embed)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -205,6 +213,12 @@ class GPT(nn.Module):
         # Weight tying: the same matrix maps tokens to vectors and vectors back to token logits.
         self.transformer.wte.weight = self.lm_head.weight
         self.kv_cache_dtype = None  # the dtype generation caches keys and values in (None: attention's)
+        if config.bigram_table:  # starts at zero: the GPT's logits, until the table learns what they miss
+            self.bigram = nn.Embedding(config.vocab_size, config.vocab_size)
+        if config.embed_skip:  # the share of the token embeddings added to each block's input
+            self.embed_gain = nn.Parameter(torch.zeros(config.n_layer))
+        if config.value_embed:
+            self.value_embed = nn.Embedding(config.vocab_size, config.n_embd)
 
         self.apply(self._init_weights)
         # GPT-2: scale the projections that write into the residual stream by 1/sqrt(2 * n_layer),
@@ -212,6 +226,8 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        if config.bigram_table:
+            torch.nn.init.zeros_(self.bigram.weight)
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -253,18 +269,26 @@ class GPT(nn.Module):
         else:
             rope = (self.rope_cos[pos], self.rope_sin[pos])
         x = self.transformer.drop(x)
-        for block in self.transformer.h:
-            x = block(x, kv_cache, rope)
+        x0 = x
+        value_embed = self.value_embed(idx) if self.config.value_embed else None
+        for i, block in enumerate(self.transformer.h):
+            if self.config.embed_skip:  # a short path from the tokens to every layer
+                x = x + self.embed_gain[i] * x0
+            x = block(x, kv_cache, rope, value_embed)
         if kv_cache is not None:
             kv_cache.pos += T
         x = self.transformer.ln_f(x)
 
         if targets is not None:
             logits = self.lm_head(x)
+            if self.config.bigram_table:
+                logits = logits + self.bigram(idx)
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         else:
             # only the last position's logits are needed to sample the next token
             logits = self.lm_head(x[:, [-1], :])
+            if self.config.bigram_table:
+                logits = logits + self.bigram(idx[:, [-1]])
             loss = None
         return logits, loss
 

@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+from torch.nn import functional as F
 
 from model import GPT, CausalSelfAttention, GPTConfig, KVCache, sample_next
 
@@ -295,3 +296,88 @@ def test_bigram_model():
     # greedy bigram: each token is the argmax of the row of the token before it
     table = model.token_embedding_table.weight
     assert all(out[0, t + 1] == table[out[0, t]].argmax() for t in range(20))
+
+
+IDEAS = dict(bigram_table=True, embed_skip=True, value_embed=True)
+
+
+def test_ideas_are_off_by_default():
+    config = GPTConfig()
+    assert not any(getattr(config, name) for name in IDEAS)
+    keys = set(tiny().state_dict())
+    assert not any(k.startswith(("bigram", "embed_gain", "value_embed")) or "value_gain" in k for k in keys)
+    assert {"bigram.weight", "embed_gain", "value_embed.weight", "transformer.h.0.attn.value_gain"} <= set(
+        tiny(**IDEAS).state_dict())
+
+
+def test_bigram_table_adds_the_current_tokens_row_to_the_logits():
+    model = tiny(bigram_table=True)
+    idx = torch.randint(0, 11, (2, 16), generator=torch.Generator().manual_seed(1))
+    assert not model.bigram.weight.any()  # starts as the plain GPT
+    before, _ = model(idx, idx)
+    with torch.no_grad():
+        model.bigram.weight[3, 5] = 50.0
+    after, _ = model(idx, idx)
+    expected = torch.zeros_like(before)
+    expected[..., 5] = 50.0 * (idx == 3)
+    torch.testing.assert_close(after - before, expected)
+    last, _ = model(idx[:, :5])  # generation's path: the last position's row
+    assert torch.equal(last[:, 0].argmax(-1) == 5, idx[:, 4] == 3)
+
+
+def test_embed_skip_adds_a_share_of_the_embeddings_to_every_block_input():
+    model = tiny(embed_skip=True)
+    idx = torch.randint(0, 11, (2, 16), generator=torch.Generator().manual_seed(1))
+    inputs, outputs = [], []
+
+    def record(module, args, out):
+        inputs.append(args[0])
+        outputs.append(out)
+    for block in model.transformer.h:
+        block.register_forward_hook(record)
+    with torch.no_grad():
+        model.embed_gain.copy_(torch.tensor([0.5, -2.0]))
+        model(idx, idx)
+    x0 = model.transformer.wte(idx) + model.transformer.wpe(torch.arange(16))
+    torch.testing.assert_close(inputs[0], 1.5 * x0)
+    torch.testing.assert_close(inputs[1], outputs[0] - 2.0 * x0)
+    model.zero_grad()
+    model(idx, idx)[1].backward()
+    assert model.embed_gain.grad.abs().min() > 0  # learned
+
+
+def test_value_embed_feeds_the_token_embeddings_into_attention_values():
+    model = tiny(value_embed=True)
+    attn = model.transformer.h[0].attn
+    with torch.no_grad():
+        attn.c_attn.weight.zero_()
+        attn.c_attn.bias.zero_()  # q = k = 0: each position averages the values of its past evenly
+        attn.value_gain.fill_(0.5)
+    idx = torch.randint(0, 11, (2, 16), generator=torch.Generator().manual_seed(1))
+    out = []
+    attn.register_forward_hook(lambda m, args, y: out.append(y))
+    with torch.no_grad():
+        model(idx, idx)
+    ve = 0.5 * model.value_embed(idx)
+    running_mean = ve.cumsum(1) / torch.arange(1, 17)[:, None]
+    torch.testing.assert_close(out[0], attn.c_proj(running_mean))
+
+
+def test_ideas_keep_the_kv_cache_exact_and_train():
+    model = tiny(block_size=16, pos_encoding="rope", **IDEAS).eval()
+    idx = torch.randint(0, 11, (1, 4), generator=torch.Generator().manual_seed(1))
+    out = {}
+    for use_cache in (True, False):
+        torch.manual_seed(7)
+        out[use_cache] = model.generate(idx, 28, temperature=0.9, top_k=6, use_cache=use_cache)
+    assert torch.equal(out[True], out[False])
+    model.train()
+    data = torch.randint(0, 11, (4, 17), generator=torch.Generator().manual_seed(2))
+    opt = model.configure_optimizers(0.1, 1e-2, (0.9, 0.99), "cpu", optimizer="muon")
+    first = model(data[:, :-1], data[:, 1:])[1].item()
+    for _ in range(40):
+        opt.zero_grad()
+        model(data[:, :-1], data[:, 1:])[1].backward()
+        opt.step()
+    assert model(data[:, :-1], data[:, 1:])[1].item() < first - 1.0
+    assert model.bigram.weight.any() and model.embed_gain.any()

@@ -177,15 +177,22 @@ def test_time_budget_stops_and_saves(tiny_cfg):
     assert lrs[-1] < 0.2 * max(lrs)  # the cosine schedule ran its course within the budget
 
 
-@pytest.mark.parametrize("pos_encoding", ["learned", "sinusoidal", "rope"])
-def test_position_encodings_train_and_survive_save_load(tiny_cfg, pos_encoding):
-    cfg = dataclasses.replace(tiny_cfg, pos_encoding=pos_encoding, out_dir=f"{tiny_cfg.out_dir}-{pos_encoding}")
+IDEAS = dict(bigram_table=True, embed_skip=True, value_embed=True)
+
+
+@pytest.mark.parametrize("pos_encoding, ideas", [("learned", {}), ("sinusoidal", {}), ("rope", {}), ("rope", IDEAS)])
+def test_model_settings_train_and_survive_save_load(tiny_cfg, pos_encoding, ideas):
+    cfg = dataclasses.replace(tiny_cfg, pos_encoding=pos_encoding, **ideas,
+                              out_dir=f"{tiny_cfg.out_dir}-{pos_encoding}{len(ideas)}")
     losses = train(cfg)
     assert losses["val"] < 3.0
     ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))
     model = model_from_checkpoint(ckpt).eval()
     assert model.config.pos_encoding == pos_encoding
     assert ckpt["model_args"].get("pos_encoding", "learned") == pos_encoding
+    for name in IDEAS:
+        assert getattr(model.config, name) == ideas.get(name, False)
+        assert ckpt["model_args"].get(name, False) == ideas.get(name, False)
     again = train(dataclasses.replace(cfg, eval_only=True))  # evaluates the reloaded checkpoint
     assert math.isclose(again["val"], ckpt["val_loss"], rel_tol=1e-5)
 
