@@ -3,7 +3,6 @@ import math
 
 import pytest
 import torch
-from torch.nn import functional as F
 
 from model import GPT, CausalSelfAttention, GPTConfig, KVCache, sample_next
 
