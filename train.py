@@ -517,8 +517,9 @@ def report_start(model, cfg, tokens_per_iter, dtype, device, procs):
           + (f" | processes: {procs.world_size}" if procs.world_size > 1 else ""))
 
 
-def report_end(cfg, progress, val_full, val_bpc, val_seconds, start_iter):
-    print(f"trained {progress.iter_num} iterations in {progress.train_seconds:.1f} s of training time; "
+def report_end(cfg, progress, eval_seconds, val_full, val_bpc, val_seconds, start_iter):
+    print(f"trained {progress.iter_num} iterations in {progress.train_seconds:.1f} s of training time "
+          f"({eval_seconds:.1f} s more in evaluations and saves); "
           f"val loss over the whole val split: {val_full:.4f} ({val_bpc:.4f} bits per character, in {val_seconds:.1f} s)")
     if not os.path.exists(os.path.join(cfg.out_dir, CKPT_NAME)):
         print(f"no checkpoint written: the val loss never improved on step {start_iter}'s "
@@ -598,6 +599,7 @@ def train(cfg):
         timed = cfg.max_seconds > 0  # a time budget ends the run
         clocked = timed or progress.schedule_seconds > 0  # the step times count: for the budget, or for the lr
         start_iter = progress.iter_num
+        eval_seconds = 0.0  # what the evals and saves cost this run: eval_interval sets it
 
         bpc = bits_per_char_scales(cfg)
         with StopSignals() as stop, TrainingLog(cfg, progress, tokens_per_iter, flops, peak, procs.master,
@@ -606,12 +608,14 @@ def train(cfg):
                 # every process holds the same train_seconds (rank 0's clock), so they agree on the end
                 done = progress.iter_num >= cfg.max_iters or (timed and progress.train_seconds >= cfg.max_seconds)
                 if progress.iter_num % cfg.eval_interval == 0 or done:
+                    t0 = time.perf_counter()
                     losses = estimate_loss(model, cfg, device, ctx, procs)
                     log.eval(progress, losses)
                     improved = losses["val"] < progress.best_val_loss
                     progress.best_val_loss = min(progress.best_val_loss, losses["val"])
                     if progress.iter_num > 0 and (improved or cfg.always_save_checkpoint):
                         save(os.path.join(cfg.out_dir, CKPT_NAME), losses["val"])
+                    eval_seconds += time.perf_counter() - t0
                     log.restart_clock()  # evals and saves are not training time
                 if cfg.sample_interval and progress.iter_num % cfg.sample_interval == 0 and procs.master:
                     text = show_sample(raw_model, tok, ctx, device, cfg.seed)
@@ -648,8 +652,8 @@ def train(cfg):
         t0 = time.perf_counter()
         losses["val_full"] = whole_val_loss(raw_model, cfg, device, ctx, procs)
         if procs.master:
-            report_end(cfg, progress, losses["val_full"], losses["val_full"] * bpc["val"], time.perf_counter() - t0,
-                       start_iter)
+            report_end(cfg, progress, eval_seconds, losses["val_full"], losses["val_full"] * bpc["val"],
+                       time.perf_counter() - t0, start_iter)
         return losses
 
 
