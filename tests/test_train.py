@@ -14,7 +14,8 @@ import device
 import muon as muon_module
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from configurator import ConfigError, UserError
-from helpers import TINY_TEXT, assert_same_weights, run_in_process, run_script
+from configurator import configure
+from helpers import REPO, TINY_TEXT, assert_same_weights, run_in_process, run_script
 from model import GPT, GPTConfig
 from prepare_shakespeare import prepare, prepare_dataset
 from train import TrainBatches, TrainConfig, get_lr, main, train, train_step
@@ -476,3 +477,25 @@ def test_a_bpe_dataset_trains_resumes_exactly_and_reports_bits_per_character(tin
     with open(os.path.join(cfg.out_dir, "metrics.csv")) as f:
         row = [r for r in csv.DictReader(f) if r["kind"] == "eval"][-1]
     assert float(row["val_bpc"]) == pytest.approx(float(row["val_loss"]) * len(val) / val_chars / math.log(2), rel=1e-5)
+
+
+@pytest.mark.parametrize("name, seconds, shape", [
+    ("train_shakespeare_char_cpu.py", 100, (4, 128, 64)),
+    ("train_shakespeare_char_cpu_5min.py", 300, (6, 128, 128)),
+    ("train_shakespeare_char_cpu_10min.py", 600, (6, 128, 128)),
+])
+def test_cpu_recipes_stop_on_time_evaluate_rarely_and_keep_the_best(tiny_data, tmp_path, capsys, name, seconds, shape):
+    path = os.path.join(REPO, "config", name)
+    cfg = configure(TrainConfig, [path])
+    assert cfg.max_seconds == seconds and cfg.max_iters >= 1_000_000  # the clock ends the run
+    assert (cfg.n_layer, cfg.n_embd, cfg.block_size) == shape and cfg.batch_size * cfg.block_size == 2048
+    assert cfg.eval_interval >= 500 and not cfg.always_save_checkpoint and cfg.device == "cpu"
+    assert cfg.out_dir == "out-shakespeare-char-cpu" + name[len("train_shakespeare_char_cpu"):-3].replace("_", "-")
+    # the whole recipe, on the tiny dataset for a moment of its budget
+    cfg = configure(TrainConfig, [path, f"--data_dir={tiny_data}", "--dataset=tiny", "--max_seconds=0.5",
+                                  "--eval_iters=1", "--eval_interval=5", f"--out_dir={tmp_path / 'out'}"])
+    train(cfg)
+    iters, train_seconds = re.search(r"trained (\d+) iterations in ([\d.]+) s", capsys.readouterr().out).groups()
+    assert 0.5 <= float(train_seconds) < 30 and 0 < int(iters) < 1000  # one step past the budget at most
+    ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))  # the best eval's model
+    assert ckpt["val_loss"] == ckpt["best_val_loss"] and ckpt["model_args"]["n_layer"] == shape[0]
