@@ -29,7 +29,7 @@ class GPTConfig:
     pos_encoding: str = "learned"  # 'learned' (GPT-2, the lecture's), 'sinusoidal' (fixed) or 'rope' (rotary)
     # Ideas from fast GPT training recipes (modded-nanogpt), off by default (the lecture's model):
     bigram_table: bool = False  # add a learned (vocab, vocab) table of next-token logits, looked up by the current token
-    embed_skip: bool = False  # every block's input also gets a learned share of the token embeddings
+    embed_skip: bool = False  # every block's input also gets a learned share of the input embeddings
     value_embed: bool = False  # attention values also get a learned token embedding, in every layer
 
     def __post_init__(self):
