@@ -4,7 +4,7 @@
 # twice the time. 8 layers tied with 6 but lost more when the machine ran slow.
 
 out_dir = 'out-shakespeare-char-cpu-10min'
-eval_interval = 1000  # evals (20 batches a split) and the final pass: about 4% of the wall time
+eval_interval = 1000  # evals (20 batches a split) and the final pass: about 3% of the wall time
 eval_iters = 20
 log_interval = 10
 always_save_checkpoint = False  # keep the checkpoint with the best val loss
