@@ -72,13 +72,8 @@ def synchronize(device):
 
 # Precision
 
-@functools.lru_cache(maxsize=None)
-def matmul_peak_flops(device, dtype, n=None, repeats=3):
-    """FLOP/s of an n x n matmul in dtype on this device (the best of `repeats`): the peak that MFU,
-    the model's share of it, is measured against. n=None: 4096 on CUDA (smaller ones leave a GPU
-    idle), 1024 elsewhere (about 50 ms on a laptop CPU)."""
-    if n is None:
-        n = 4096 if torch.device(device).type == "cuda" else 1024
+def matmul_seconds(device, dtype, n, repeats=3):
+    """Seconds an n x n matmul in dtype takes on this device, the best of `repeats`."""
     gen = torch.Generator().manual_seed(0)  # its own: the global generator must not move
     a, b = (torch.randn(n, n, generator=gen).to(device, getattr(torch, dtype)) for _ in range(2))
     a @ b  # the first call may set up kernels
@@ -89,7 +84,22 @@ def matmul_peak_flops(device, dtype, n=None, repeats=3):
         a @ b
         synchronize(device)
         best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best
+    return best
+
+
+@functools.lru_cache(maxsize=None)
+def matmul_peak_flops(device, dtype, n=None):
+    """FLOP/s of an n x n matmul in dtype on this device: the peak that MFU, the model's share of it,
+    is measured against. n=None: 4096 on CUDA (smaller ones leave a GPU idle); elsewhere 256, 512
+    or 1024, the first whose product takes over 20 ms: 1024 is ~20 ms in float32 on a laptop CPU, but
+    10 s for four bf16 products where the CPU emulates bf16 (at 1/100 of the speed)."""
+    if n is None and torch.device(device).type == "cuda":
+        n = 4096
+    for size in [n] if n else [256, 512, 1024]:
+        seconds = matmul_seconds(device, dtype, size)
+        if seconds > 0.02:
+            break
+    return 2 * size ** 3 / seconds
 
 
 @functools.lru_cache(maxsize=None)

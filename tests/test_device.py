@@ -1,3 +1,4 @@
+import math
 import os
 import subprocess
 import sys
@@ -58,6 +59,21 @@ def test_cpu_bf16_probe_agrees_with_a_bigger_matmul_and_leaves_the_seed_alone():
             a @ a
             best[a.dtype] = min(best.get(a.dtype, float("inf")), time.perf_counter() - t0)
     assert (speedup > 1.0) == (best[torch.float32] / best[torch.bfloat16] > 1.0)
+
+
+def test_the_mfu_peak_is_measured_on_a_size_the_dtype_can_afford(monkeypatch):
+    """A 1024 x 1024 product where bf16 is emulated takes seconds: train.py's start must not."""
+    for per_flop, sizes_tried in ((1e-11, [256, 512, 1024]), (1e-8, [256])):  # float32; emulated bf16
+        sizes = []
+        monkeypatch.setattr(device, "matmul_seconds", lambda dev, dt, n: sizes.append(n) or 2 * n ** 3 * per_flop)
+        device.matmul_peak_flops.cache_clear()
+        assert math.isclose(device.matmul_peak_flops("cpu", "float32"), 1 / per_flop)
+        assert sizes == sizes_tried
+    device.matmul_peak_flops.cache_clear()
+    sizes.clear()
+    device.matmul_peak_flops("cuda", "bfloat16")
+    assert sizes == [4096]  # a GPU is only busy with a big one
+    device.matmul_peak_flops.cache_clear()
 
 
 def test_torchrun_on_mps_is_refused_before_joining(monkeypatch):
