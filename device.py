@@ -88,18 +88,16 @@ def matmul_seconds(device, dtype, n, repeats=3):
 
 
 @functools.lru_cache(maxsize=None)
-def matmul_peak_flops(device, dtype, n=None):
-    """FLOP/s of an n x n matmul in dtype on this device: the peak that MFU, the model's share of it,
-    is measured against. n=None: 4096 on CUDA (smaller ones leave a GPU idle); elsewhere 256, 512
-    or 1024, the first whose product takes over 20 ms: 1024 is ~20 ms in float32 on a laptop CPU, but
+def matmul_peak_flops(device, dtype):
+    """FLOP/s of a square matmul in dtype on this device: the peak that MFU, the model's share of it,
+    is measured against. 4096 x 4096 on CUDA (smaller ones leave a GPU idle); elsewhere 256, 512 or
+    1024, the first whose product takes over 20 ms: 1024 is ~20 ms in float32 on a laptop CPU, but
     10 s for four bf16 products where the CPU emulates bf16 (at 1/100 of the speed)."""
-    if n is None and torch.device(device).type == "cuda":
-        n = 4096
-    for size in [n] if n else [256, 512, 1024]:
-        seconds = matmul_seconds(device, dtype, size)
+    for n in [4096] if torch.device(device).type == "cuda" else [256, 512, 1024]:
+        seconds = matmul_seconds(device, dtype, n)
         if seconds > 0.02:
             break
-    return 2 * size ** 3 / seconds
+    return 2 * n ** 3 / seconds
 
 
 @functools.lru_cache(maxsize=None)
