@@ -84,7 +84,7 @@ def test_kill_9_during_saves_never_leaves_a_broken_checkpoint_or_leftovers(tiny_
         deadline = time.monotonic() + 60
         while not (os.path.exists(path) and os.path.exists(tmp)) and proc.poll() is None \
                 and time.monotonic() < deadline:
-            pass  # watch for a save to begin once a checkpoint exists
+            os.sched_yield()  # watch for a save to begin once a checkpoint exists, leaving the cores to others
         proc.kill()
         proc.wait()
         landed += os.path.exists(tmp)
@@ -109,7 +109,7 @@ def test_signal_keeps_the_best_checkpoint_and_resumes_where_it_stopped(tiny_cfg)
     assert wait_for_line(proc, "step 25:")
     deadline = time.monotonic() + 60
     while not os.path.exists(os.path.join(cfg.out_dir, "ckpt.pt")) and time.monotonic() < deadline:
-        pass  # the eval line comes just before its save
+        os.sched_yield()  # the eval line comes just before its save
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert "saved " + os.path.join(cfg.out_dir, "resume.pt") in err
