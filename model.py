@@ -31,6 +31,7 @@ class GPTConfig:
     bigram_table: bool = False  # add a learned (vocab, vocab) table of next-token logits, looked up by the current token
     embed_skip: bool = False  # every block's input also gets a learned share of the input embeddings
     value_embed: bool = False  # attention values also get a learned token embedding, in every layer
+    mtp_weight: float = 0.0  # multi-token prediction: a second head learns the token after next, at this weight
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -41,6 +42,8 @@ class GPTConfig:
                              f"e.g. n_embd={self.n_head * max(1, round(self.n_embd / self.n_head))}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.mtp_weight < 0:
+            raise ValueError(f"mtp_weight must be at least 0 (0 turns it off), got {self.mtp_weight}")
         if self.model_type not in ("gpt", "bigram"):
             raise ValueError(f"model_type must be 'gpt' or 'bigram', got '{self.model_type}'")
         if self.pos_encoding not in ("learned", "sinusoidal", "rope"):
@@ -219,6 +222,8 @@ class GPT(nn.Module):
             self.embed_gain = nn.Parameter(torch.zeros(config.n_layer))
         if config.value_embed:
             self.value_embed = nn.Embedding(config.vocab_size, config.n_embd)
+        if config.mtp_weight:  # one residual step from the last layer's output, then the shared lm_head
+            self.mtp = nn.Linear(config.n_embd, config.n_embd, bias=False)
 
         self.apply(self._init_weights)
         # GPT-2: scale the projections that write into the residual stream by 1/sqrt(2 * n_layer),
@@ -284,6 +289,15 @@ class GPT(nn.Module):
             if self.config.bigram_table:
                 logits = logits + self.bigram(idx)
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+            if self.config.mtp_weight and self.training:
+                # the token after next: position t's target is t+1's target (the last position has none)
+                h = x[:, :-1]
+                after_next = self.lm_head(h + self.mtp(h))
+                extra = F.cross_entropy(after_next.reshape(-1, after_next.size(-1)), targets[:, 1:].reshape(-1),
+                                        ignore_index=-1)
+                # its gradient joins the next token's but its value does not (extra - extra is 0), so the
+                # training loss reported stays the next token's, comparable with the evals'
+                loss = loss + self.config.mtp_weight * (extra - extra.detach())
         else:
             # only the last position's logits are needed to sample the next token
             logits = self.lm_head(x[:, [-1], :])

@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+from torch.nn import functional as F
 
 from model import GPT, CausalSelfAttention, GPTConfig, KVCache, sample_next
 
@@ -297,16 +298,16 @@ def test_bigram_model():
     assert all(out[0, t + 1] == table[out[0, t]].argmax() for t in range(20))
 
 
-IDEAS = dict(bigram_table=True, embed_skip=True, value_embed=True)
+IDEAS = dict(bigram_table=True, embed_skip=True, value_embed=True, mtp_weight=0.3)
 
 
 def test_ideas_are_off_by_default():
     config = GPTConfig()
     assert not any(getattr(config, name) for name in IDEAS)
     keys = set(tiny().state_dict())
-    assert not any(k.startswith(("bigram", "embed_gain", "value_embed")) or "value_gain" in k for k in keys)
-    assert {"bigram.weight", "embed_gain", "value_embed.weight", "transformer.h.0.attn.value_gain"} <= set(
-        tiny(**IDEAS).state_dict())
+    assert not any(k.startswith(("bigram", "embed_gain", "value_embed", "mtp")) or "value_gain" in k for k in keys)
+    assert {"bigram.weight", "embed_gain", "value_embed.weight", "transformer.h.0.attn.value_gain",
+            "mtp.weight"} <= set(tiny(**IDEAS).state_dict())
 
 
 def test_bigram_table_adds_the_current_tokens_row_to_the_logits():
@@ -362,8 +363,33 @@ def test_value_embed_feeds_the_token_embeddings_into_attention_values():
     torch.testing.assert_close(out[0], attn.c_proj(running_mean))
 
 
+def test_mtp_trains_on_the_token_after_next_but_reports_the_next_tokens_loss():
+    model = tiny(mtp_weight=0.5)
+    seq = torch.randint(0, 11, (2, 17), generator=torch.Generator().manual_seed(1))
+    _, loss = model(seq[:, :-1], seq[:, 1:])
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    assert grads["mtp.weight"].abs().sum() > 0
+
+    # by hand, in eval mode (no dropout here, so the same model): the final hidden states through a
+    # hook, a second head on them (a residual step, then the shared lm_head) and the two losses
+    model.eval().zero_grad()
+    hidden = []
+    model.transformer.ln_f.register_forward_hook(lambda m, args, out: hidden.append(out))
+    logits, next_only = model(seq[:, :-1], seq[:, 1:])
+    assert model.mtp.weight.grad is None  # evaluation never uses the second head
+    torch.testing.assert_close(loss, next_only, rtol=0, atol=0)  # the value reported: the next token's loss
+    h = hidden[0][:, :-1]  # positions 0..14, whose token after next is seq[:, 2:]
+    after_next = model.lm_head(h + h @ model.mtp.weight.T)
+    objective = F.cross_entropy(logits.reshape(-1, 11), seq[:, 1:].reshape(-1)) + \
+        0.5 * F.cross_entropy(after_next.reshape(-1, 11), seq[:, 2:].reshape(-1))
+    objective.backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, msg=name)
+
+
 def test_ideas_keep_the_kv_cache_exact_and_train():
-    model = tiny(block_size=16, pos_encoding="rope", **IDEAS).eval()
+    model = tiny(block_size=32, pos_encoding="rope", **IDEAS).eval()  # 4 + 28 tokens: one block, one context
     idx = torch.randint(0, 11, (1, 4), generator=torch.Generator().manual_seed(1))
     out = {}
     for use_cache in (True, False):

@@ -188,7 +188,7 @@ def test_time_budget_stops_and_saves(tiny_cfg):
     assert lrs[-1] < 0.2 * max(lrs)  # the cosine schedule ran its course within the budget
 
 
-IDEAS = dict(bigram_table=True, embed_skip=True, value_embed=True)
+IDEAS = dict(bigram_table=True, embed_skip=True, value_embed=True, mtp_weight=0.3)
 
 
 @pytest.mark.parametrize("pos_encoding, ideas", [("learned", {}), ("sinusoidal", {}), ("rope", {}), ("rope", IDEAS)])
