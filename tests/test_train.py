@@ -367,7 +367,9 @@ def test_raising_the_time_budget_on_resume_does_not_rewind_the_schedule(tiny_cfg
         rows = list(csv.DictReader(f))
     lrs = [float(r["lr"]) for r in rows if r["kind"] == "log"]
     assert len(lrs) > first + 5
-    assert lrs[first - 1] == pytest.approx(cfg.min_lr, rel=0.2)  # the first budget ended the cosine
+    # the first budget ended the cosine: its last step's rate is in the schedule's last 5% (the last
+    # step starts one step time before the budget's end, longer when another process holds a core)
+    assert cfg.min_lr <= lrs[first - 1] < cfg.min_lr + 0.05 * (cfg.learning_rate - cfg.min_lr)
     assert max(lrs[first:]) <= cfg.min_lr * 1.000001  # and past it the rate stays at min_lr
     evals = [int(r["iter"]) for r in rows if r["kind"] == "eval"]
     assert len(evals) == len(set(evals))  # no eval row twice at the resume point
@@ -481,12 +483,13 @@ def test_a_bpe_dataset_trains_resumes_exactly_and_reports_bits_per_character(tin
     assert float(row["val_bpc"]) == pytest.approx(float(row["val_loss"]) * len(val) / val_chars / math.log(2), rel=1e-5)
 
 
-@pytest.mark.parametrize("name, seconds, shape", [
-    ("train_shakespeare_char_cpu.py", 100, (4, 128, 64)),
-    ("train_shakespeare_char_cpu_5min.py", 300, (6, 128, 128)),
-    ("train_shakespeare_char_cpu_10min.py", 600, (6, 128, 128)),
+@pytest.mark.parametrize("name, seconds, shape, mtp_weight", [
+    ("train_shakespeare_char_cpu.py", 100, (4, 128, 64), 0.3),
+    ("train_shakespeare_char_cpu_5min.py", 300, (6, 128, 128), 0.0),
+    ("train_shakespeare_char_cpu_10min.py", 600, (6, 128, 128), 0.0),
 ])
-def test_cpu_recipes_stop_on_time_evaluate_rarely_and_keep_the_best(tiny_data, tmp_path, capsys, name, seconds, shape):
+def test_cpu_recipes_stop_on_time_evaluate_rarely_and_keep_the_best(tiny_data, tmp_path, capsys, name, seconds, shape,
+                                                                    mtp_weight):
     path = os.path.join(REPO, "config", name)
     cfg = configure(TrainConfig, [path])
     assert cfg.max_seconds == seconds and cfg.max_iters >= 1_000_000  # the clock ends the run
@@ -501,3 +504,4 @@ def test_cpu_recipes_stop_on_time_evaluate_rarely_and_keep_the_best(tiny_data, t
     assert 0.5 <= float(train_seconds) < 30 and 0 < int(iters) < 1000  # one step past the budget at most
     ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))  # the best eval's model
     assert ckpt["val_loss"] == ckpt["best_val_loss"] and ckpt["model_args"]["n_layer"] == shape[0]
+    assert ckpt["model_args"].get("mtp_weight", 0.0) == mtp_weight
