@@ -252,9 +252,11 @@ class GPT(nn.Module):
 
     def flops_per_token(self):
         """Training FLOPs per token, forward and backward: 6 per parameter (2 forward, 4 backward),
-        plus attention's q @ k and att @ v over the context (PaLM paper, appendix B)."""
+        plus attention's q @ k and att @ v over the context (PaLM paper, appendix B). With mtp_weight the
+        output matrix serves twice (parameters count once): 6 per its weight more."""
         cfg = self.config
-        return 6 * self.get_num_params() + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+        second_head = 6 * cfg.n_embd * cfg.vocab_size if cfg.mtp_weight else 0
+        return 6 * self.get_num_params() + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size + second_head
 
     def forward(self, idx, targets=None, kv_cache=None):
         """idx (B, T) token ids -> logits (B, T, vocab_size) and the mean cross-entropy loss when

@@ -191,12 +191,14 @@ def test_explicit_attention_equals_the_fused_kernel(dtype):
         torch.testing.assert_close(steps[0], outs[0][:, 9:], rtol=1e-5, atol=1e-5)
 
 
-def test_flops_per_token_matches_the_flops_pytorch_counts():
+@pytest.mark.parametrize("mtp_weight", [0.0, 0.3])
+def test_flops_per_token_matches_the_flops_pytorch_counts(mtp_weight):
     """6 per parameter and 12 * n_layer * n_embd * block_size for attention (the whole T x T, as the
     written-out maths computes it): the FLOPs that torch's FLOP counter sees in a training step,
-    forward and backward, but for LayerNorm's gains (parameters, but no matmul)."""
+    forward and backward, but for LayerNorm's gains (parameters, but no matmul); with multi-token
+    prediction, the second head's use of the shared output matrix too."""
     from torch.utils.flop_counter import FlopCounterMode
-    cfg = GPTConfig(block_size=64, vocab_size=65, n_layer=2, n_head=4, n_embd=64, dropout=0.0)
+    cfg = GPTConfig(block_size=64, vocab_size=65, n_layer=2, n_head=4, n_embd=64, dropout=0.0, mtp_weight=mtp_weight)
     model = GPT(cfg)
     for block in model.transformer.h:  # the counter sees the written-out maths' matmuls, not the fused kernel's
         block.attn.flash = False
