@@ -484,7 +484,7 @@ def test_a_bpe_dataset_trains_resumes_exactly_and_reports_bits_per_character(tin
 
 
 @pytest.mark.parametrize("name, seconds, shape, mtp_weight", [
-    ("train_shakespeare_char_cpu.py", 100, (4, 128, 64), 0.3),
+    ("train_shakespeare_char_cpu.py", 100, (4, 96, 64), 0.3),
     ("train_shakespeare_char_cpu_5min.py", 300, (6, 128, 128), 0.3),
     ("train_shakespeare_char_cpu_10min.py", 600, (6, 128, 128), 0.3),
 ])
