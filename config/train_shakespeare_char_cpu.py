@@ -22,10 +22,11 @@ n_head = 3
 n_embd = 96  # 128 (nanoGPT's): 0.006-0.046 worse in 100 s in float32, within 0.005 with native bf16
 dropout = 0.0  # 100 seconds is under 4 passes over the data: too short to overfit much
 pos_encoding = 'rope'  # clearly ahead of learned and sinusoidal with AdamW, level with learned under Muon
-mtp_weight = 0.3  # also learn the token after next: 0.009-0.013 lower at 700 and 1,200 iterations, no slower
+mtp_weight = 0.3  # also learn the token after next: 0.009-0.013 lower at 700 and 1,200 iterations (128 wide)
 
 optimizer = 'muon'  # our Muon (muon.py); with --optimizer=adamw use --batch_size=12 --learning_rate=2e-3
-learning_rate = 7e-3  # Muon takes a higher rate than AdamW; this one is best on both kinds of CPU
+learning_rate = 7e-3  # Muon takes a higher rate than AdamW; best on both kinds of CPU at 128 wide
+# (at 96 wide, 1e-2 was lower at a fixed iteration count, float32, not yet confirmed timed)
 max_seconds = 100  # of training, evals excluded; try --max_seconds=25 for a quick look
 max_iters = 1_000_000  # the time budget ends the run
 lr_decay_iters = 2000  # with max_seconds, warmup_iters / lr_decay_iters is the warmup's share of the time
