@@ -483,16 +483,17 @@ def test_a_bpe_dataset_trains_resumes_exactly_and_reports_bits_per_character(tin
     assert float(row["val_bpc"]) == pytest.approx(float(row["val_loss"]) * len(val) / val_chars / math.log(2), rel=1e-5)
 
 
-@pytest.mark.parametrize("name, seconds, shape, mtp_weight", [
-    ("train_shakespeare_char_cpu.py", 100, (4, 96, 64), 0.3),
-    ("train_shakespeare_char_cpu_5min.py", 300, (6, 128, 128), 0.3),
-    ("train_shakespeare_char_cpu_10min.py", 600, (6, 128, 128), 0.3),
+@pytest.mark.parametrize("name, seconds, shape, learning_rate, mtp_weight", [
+    ("train_shakespeare_char_cpu.py", 100, (4, 96, 64), 1e-2, 0.3),
+    ("train_shakespeare_char_cpu_5min.py", 300, (6, 128, 128), 7e-3, 0.3),
+    ("train_shakespeare_char_cpu_10min.py", 600, (6, 128, 128), 7e-3, 0.3),
 ])
 def test_cpu_recipes_stop_on_time_evaluate_rarely_and_keep_the_best(tiny_data, tmp_path, capsys, name, seconds, shape,
-                                                                    mtp_weight):
+                                                                    learning_rate, mtp_weight):
     path = os.path.join(REPO, "config", name)
     cfg = configure(TrainConfig, [path])
     assert cfg.max_seconds == seconds and cfg.max_iters >= 1_000_000  # the clock ends the run
+    assert cfg.optimizer == "muon" and cfg.learning_rate == learning_rate  # the rates the search chose
     assert (cfg.n_layer, cfg.n_embd, cfg.block_size) == shape and cfg.batch_size * cfg.block_size == 2048
     assert cfg.eval_interval >= 500 and not cfg.always_save_checkpoint and cfg.device == "cpu"
     assert cfg.out_dir == "out-shakespeare-char-cpu" + name[len("train_shakespeare_char_cpu"):-3].replace("_", "-")
