@@ -16,7 +16,7 @@ block_size = 128
 n_layer = 6
 n_head = 4
 n_embd = 128
-dropout = 0.0  # a few passes over the data: too few to overfit much
+dropout = 0.0  # 0.1: 0.046 worse in float32 (2,200 iterations), 0.030 worse with native bf16 (timed)
 pos_encoding = 'rope'
 mtp_weight = 0.3  # the token after next too: 0.007 lower at 2,200 iterations (seed 1337), no slower
 

@@ -484,7 +484,7 @@ def test_a_bpe_dataset_trains_resumes_exactly_and_reports_bits_per_character(tin
 
 
 @pytest.mark.parametrize("name, seconds, shape, learning_rate, mtp_weight", [
-    ("train_shakespeare_char_cpu.py", 100, (4, 96, 64), 1e-2, 0.3),
+    ("train_shakespeare_char_cpu.py", 100, (4, 96, 128), 1e-2, 0.3),
     ("train_shakespeare_char_cpu_5min.py", 300, (6, 128, 128), 7e-3, 0.3),
     ("train_shakespeare_char_cpu_10min.py", 600, (6, 128, 128), 7e-3, 0.3),
 ])
