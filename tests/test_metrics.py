@@ -59,12 +59,13 @@ def read_wandb_records(path):
 def test_wandb_logs_the_metrics_and_config_offline(tiny_cfg, tmp_path, monkeypatch):
     """A real wandb run in offline mode (no account, no network): it gets the config and the numbers
     metrics.csv gets, under nanoGPT's names for the eval losses."""
-    pytest.importorskip("wandb")
+    wandb = pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
     cfg = dataclasses.replace(tiny_cfg, wandb_log=True, wandb_project="tiny-project", wandb_run_name="tiny-run")
     losses = train(cfg)
+    wandb.teardown()  # what the process's exit does: wandb's service closes the run's file
     files = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(files) == 1
     records = read_wandb_records(files[0])
