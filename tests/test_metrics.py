@@ -71,7 +71,7 @@ def test_wandb_logs_the_metrics_and_config_offline(tiny_cfg, tmp_path, monkeypat
     records = read_wandb_records(files[0])
     kinds = [r.WhichOneof("record_type") for r in records]
     assert "run" in kinds, f"no run record in {files[0].stat().st_size} bytes; records: {kinds[:30]}"
-    run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
+    run = records[kinds.index("run")].run
     name = lambda item: item.key or "/".join(item.nested_key)  # noqa: E731
     config = {name(item): json.loads(item.value_json) for item in run.config.update}
     assert (run.project, run.display_name) == ("tiny-project", "tiny-run")
