@@ -4,7 +4,7 @@ Measure training and sampling speed for a model shape on this machine.
     python bench.py                                     # the GPU recipe's shape, batch 8
     python bench.py --n_layer=4 --n_head=4 --n_embd=128 --block_size=64 --batch_size=12
 
-Times what train.py runs, its TrainBatches and train_step (ms/iter, tokens/s, MFU against this
+Times what train.py runs, its batches (dataset.TrainBatches) and train_step (ms/iter, tokens/s, MFU against this
 machine's measured matmul peak in the same dtype, as train.py's log), sampling speed with and without
 the KV cache, and peak memory. With
 --compare=True (default) it also runs nanoGPT's path (float32, unfused AdamW, no KV cache),
@@ -30,7 +30,8 @@ from device import (DeviceSettings, autocast_context, describe_dtype, matmul_pea
 from model import GPT, GPTConfig
 from muon import torch_optimizers
 from speedups import PackedLinear, speed_up_sampling, speed_up_training
-from train import TrainBatches, train_step
+from dataset import TrainBatches
+from train import train_step
 
 
 @dataclass

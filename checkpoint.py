@@ -1,14 +1,15 @@
 """
-Checkpoints: saving and loading them, and finding the one to sample or resume. A checkpoint is a
-dict in nanoGPT's layout (model, optimizer, model_args, iter_num, best_val_loss, config), plus the
-vocabulary, the random state and the time spent, so that a resumed run continues exactly.
+Checkpoints: saving and loading them, finding the one to sample, resume or fine-tune, and the model a
+run starts from. A checkpoint is a dict in nanoGPT's layout (model, optimizer, model_args, iter_num,
+best_val_loss, config), plus the vocabulary, the random state and the time spent, so that a resumed
+run continues exactly.
 """
 
 import glob
 import os
 import sys
 import warnings
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 
@@ -161,6 +162,61 @@ def resume_path(out_dir):
     return best
 
 
+# The model a run starts from: from scratch, or from a checkpoint (to resume, evaluate or fine-tune)
+
+def checkpoint_to_load(cfg):
+    """The checkpoint file a training run starts from (None: from scratch) and a hint for when it is missing."""
+    if cfg.init_from == "scratch" and not cfg.eval_only:
+        return None, ""
+    train_first = "; train one first, or use --init_from=scratch"
+    if cfg.init_from == "resume" and not cfg.eval_only:
+        return resume_path(cfg.out_dir), train_first
+    if cfg.init_from in ("scratch", "resume"):  # eval_only evaluates the run's own (best) checkpoint
+        return os.path.join(cfg.out_dir, CKPT_NAME), train_first
+    # fine-tuning: a checkpoint file or the out_dir that holds one
+    path = os.path.join(cfg.init_from, CKPT_NAME) if os.path.isdir(cfg.init_from) else cfg.init_from
+    return path, "; init_from takes 'scratch', 'resume', a ckpt.pt file or an out_dir holding one"
+
+
+def init_model(cfg, tok, device):
+    """Build the model from scratch or load it from a checkpoint. Returns (cfg, model, checkpoint):
+    cfg with the dataset's vocab_size and the checkpoint model's settings, and the checkpoint (None
+    from scratch), which still holds the optimizer and random state to resume."""
+    cfg = replace(cfg, vocab_size=tok.vocab_size)
+    path, hint = checkpoint_to_load(cfg)
+    if path is None:
+        return cfg, build_model(GPTConfig.from_settings(cfg)), None
+    checkpoint = load_checkpoint(path, device, hint=hint)
+    resuming = cfg.init_from == "resume" and not cfg.eval_only
+    if resuming:
+        check_resume_settings(cfg, checkpoint.get("config", {}), path)
+    model = model_from_checkpoint(checkpoint)
+    if not same_vocabulary(checkpoint, tok):
+        raise CheckpointError(f"{path} was trained with another vocabulary than dataset '{cfg.dataset}' has "
+                              f"({model.config.vocab_size} vs {tok.vocab_size} tokens); prepare the dataset "
+                              f"with --vocab_from set to the checkpoint's dataset")
+    return adopt_checkpoint_model(cfg, model, resuming), model, checkpoint
+
+
+def adopt_checkpoint_model(cfg, model, resuming):
+    """cfg with the checkpoint model's settings: its shape wins over the config's. Fine-tuning may
+    shorten the context (cropped here) and use another dropout (set here)."""
+    shape = {f.name: getattr(model.config, f.name) for f in fields(GPTConfig)
+             if f.name not in ("vocab_size", "block_size", "dropout")}
+    if resuming or cfg.eval_only:
+        shape["block_size"] = model.config.block_size
+    elif cfg.block_size < model.config.block_size:
+        model.crop_block_size(cfg.block_size)
+    elif cfg.block_size > model.config.block_size:
+        raise ConfigError(f"block_size={cfg.block_size} exceeds the checkpoint's {model.config.block_size}; "
+                          f"fine-tune with --block_size={model.config.block_size} or less")
+    model.config.dropout = cfg.dropout
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = cfg.dropout
+    return replace(cfg, **shape)
+
+
 # Resuming a run
 
 # What a resumed run must share with the run it continues; the rest (max_iters, max_seconds, eval and
@@ -178,6 +234,23 @@ def check_resume_settings(cfg, saved, path):
             raise ConfigError(f"{path} was trained with {key}={value!r}, not {getattr(cfg, key)!r}: resume with "
                               f"--{key}={value} (or the run's config file), or start a new run from its weights "
                               f"with --init_from={os.path.dirname(path) or '.'} --out_dir=ANOTHER_FOLDER")
+
+
+@dataclass
+class Progress:
+    """Where a run is, besides its weights and optimizer state (all saved in its checkpoints)."""
+    iter_num: int = 0
+    best_val_loss: float = float("inf")
+    train_seconds: float = 0.0  # time in training steps, evals excluded: what max_seconds budgets
+    # the budget the learning rate schedule is laid over: the first run's max_seconds, so that a
+    # resumed run with a larger budget goes on at min_lr instead of rewinding the schedule
+    schedule_seconds: float = 0.0
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint):
+        schedule = checkpoint.get("schedule_seconds", checkpoint.get("config", {}).get("max_seconds", 0.0))
+        return cls(checkpoint["iter_num"], float(checkpoint["best_val_loss"]), checkpoint.get("train_seconds", 0.0),
+                   schedule)
 
 
 def training_checkpoint(model, optimizer, scaler, progress, cfg, tok, rng, val_loss):

@@ -5,7 +5,7 @@ Command-line configuration in nanoGPT's style, without exec into the caller's gl
 
 Each script declares its settings and defaults once, as a dataclass. `configure(Defaults, argv)`
 applies config files (Python files that assign settings) and then --key=value overrides, in order,
-and returns a new instance. Values are Python literals (`--lr=3e-4`, `--bias=True`,
+and returns a new instance. Values are Python literals (`--learning_rate=3e-4`, `--bias=True`,
 `--top_k=None`); anything that is not a literal is a string (`--device=cpu`).
 """
 

@@ -1,7 +1,8 @@
 """
 Writing files safely: a crash, kill -9 or Ctrl-C at any moment leaves the old file or the new one,
-never half of one; what a killed process left half-written is cleaned up by the next run; and one
-run at a time writes into an out_dir.
+never half of one; what a killed process left half-written is cleaned up by the next run; one run at
+a time writes into an out_dir; and a signal to stop waits for the file being written (StopSignals,
+signals_deferred).
 """
 
 import os
@@ -13,6 +14,7 @@ from contextlib import contextmanager
 from filelock import FileLock, Timeout
 
 from configurator import UserError
+from device import any_process
 
 
 def write_atomic(path, write):
@@ -107,3 +109,33 @@ def signals_deferred():
                 previous[s](s, None)  # Python's own (KeyboardInterrupt for SIGINT) or the program's
             elif previous[s] == signal.SIG_DFL:
                 os.kill(os.getpid(), s)
+
+
+class StopSignals:
+    """Within this context SIGINT (Ctrl-C) and SIGTERM set .received instead of killing the process,
+    so a training loop can finish its step and save. A second Ctrl-C stops at once; more SIGTERMs
+    change nothing, because torchrun forwards the one it gets and schedulers (SLURM) often signal
+    every process as well: a process may see two for one request to stop."""
+
+    def __init__(self):
+        self.received = None
+
+    def _handle(self, signum, frame):
+        if self.received is None:
+            self.received = signal.Signals(signum).name
+        elif signum == signal.SIGINT:
+            raise KeyboardInterrupt
+
+    def __enter__(self):
+        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def asked(self, iter_num, log_interval, procs, device):
+        """Whether a signal asked any process to stop. Under torchrun a signal may reach some processes
+        only; they vote on it at log steps (all processes call this at every step)."""
+        vote = procs.world_size == 1 or iter_num % log_interval == 0
+        return vote and any_process(self.received is not None, procs, device)

@@ -11,6 +11,7 @@ import math
 import os
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 
 from tqdm import tqdm
@@ -114,11 +115,23 @@ class TrainingLog:
                         bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f}s [{elapsed}<{remaining}{postfix}]"
                         if self.timed else None,
                         mininterval=0.5 if sys.stderr.isatty() else 30)  # a log file gets a line every 30 s
+        self.paused_seconds = 0.0  # in evals, saves and samples: not training time
         self.restart_clock()
 
     def restart_clock(self):
-        """Start timing the next log window here: evals and samples are not training time."""
+        """Start timing the next log window here."""
         self.window_start, self.window_iters = time.perf_counter(), 0
+
+    @contextmanager
+    def paused(self):
+        """What runs within this context is not training time: it counts in paused_seconds, not in
+        the next log line's ms/iter."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused_seconds += time.perf_counter() - t0
+            self.restart_clock()
 
     def write(self, text):
         if self.master:

@@ -2,7 +2,8 @@
 A GPT language model in one file, following Karpathy's "Let's build GPT" lecture and nanoGPT: the
 settings, position encodings, attention, MLP, the transformer block, the GPT (training loss, optimizer
 groups, generation with a key/value cache), then the bigram the lecture starts from. Parameter names
-match nanoGPT's, so checkpoints move between the two. speedups.py swaps in faster modules for CPUs.
+match nanoGPT's, so checkpoints move between the two. A new idea is a GPTConfig field used here: the
+scripts' settings, --help and checkpoints pick it up. speedups.py swaps in faster modules for CPUs.
 """
 
 import math
@@ -27,10 +28,6 @@ class GPTConfig:
     bias: bool = False  # bias in Linear and LayerNorm layers: GPT-2 had them; nanoGPT trains without
     model_type: str = "gpt"  # 'gpt', or 'bigram': the lecture's first model, a next-character lookup table
     pos_encoding: str = "learned"  # 'learned' (GPT-2, the lecture's), 'sinusoidal' (fixed) or 'rope' (rotary)
-    # Ideas from fast GPT training recipes (modded-nanogpt), off by default (the lecture's model):
-    bigram_table: bool = False  # add a learned (vocab, vocab) table of next-token logits, looked up by the current token
-    embed_skip: bool = False  # every block's input also gets a learned share of the input embeddings
-    value_embed: bool = False  # attention values also get a learned token embedding, in every layer
     mtp_weight: float = 0.0  # multi-token prediction: a second head learns the token after next, at this weight
 
     def __post_init__(self):
@@ -123,11 +120,11 @@ class CausalSelfAttention(nn.Module):
         # dropout on the attention weights (each position ignores some others at random) and on the output
         self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
-        self.flash = True  # PyTorch's fused attention kernel; False: the lecture's maths, written out
-        if config.value_embed:
-            self.value_gain = nn.Parameter(torch.ones(1))
+        # PyTorch's fused kernel (scaled_dot_product_attention); False: the lecture's maths, written out
+        # (faster for bf16 on a CPU: speedups.py chooses)
+        self.fused_kernel = True
 
-    def forward(self, x, kv_cache=None, rope=None, value_embed=None):
+    def forward(self, x, kv_cache=None, rope=None):
         B, T, C = x.size()  # batch, time (sequence length), channels (n_embd)
         # queries, keys and values, each split into heads: (B, T, 3C) -> (3, B, nh, T, hs)
         qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
@@ -135,8 +132,6 @@ class CausalSelfAttention(nn.Module):
             (q, k), v = apply_rope(qkv[:2], *rope), qkv[2]
         else:
             q, k, v = qkv
-        if value_embed is not None:  # (B, T, C): what each token is, straight into what it passes on
-            v = v + self.value_gain * value_embed.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         if kv_cache is not None:
             if kv_cache.pos > 0 and T > 1:
                 raise ValueError("a KV cache extends one token at a time after the prompt")
@@ -145,7 +140,7 @@ class CausalSelfAttention(nn.Module):
         # The causal (lower-triangular) mask lets position t attend to positions <= t only, so the
         # model cannot peek at the token it is asked to predict. A single new token attends to all
         # cached positions, which are all in its past, so it needs no mask.
-        if self.flash:
+        if self.fused_kernel:
             dropout_p = self.attn_dropout.p if self.training else 0.0
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, dropout_p=dropout_p)
         else:
@@ -182,8 +177,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, kv_cache=None, rope=None, value_embed=None):
-        x = x + self.attn(self.ln_1(x), kv_cache, rope, value_embed)
+    def forward(self, x, kv_cache=None, rope=None):
+        x = x + self.attn(self.ln_1(x), kv_cache, rope)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -216,12 +211,6 @@ class GPT(nn.Module):
         # Weight tying: the same matrix maps tokens to vectors and vectors back to token logits.
         self.transformer.wte.weight = self.lm_head.weight
         self.kv_cache_dtype = None  # the dtype generation caches keys and values in (None: attention's)
-        if config.bigram_table:  # starts at zero: the GPT's logits, until the table learns what they miss
-            self.bigram = nn.Embedding(config.vocab_size, config.vocab_size)
-        if config.embed_skip:  # the share of the token embeddings added to each block's input
-            self.embed_gain = nn.Parameter(torch.zeros(config.n_layer))
-        if config.value_embed:
-            self.value_embed = nn.Embedding(config.vocab_size, config.n_embd)
         if config.mtp_weight:  # one residual step from the last layer's output, then the shared lm_head
             self.mtp = nn.Linear(config.n_embd, config.n_embd, bias=False)
 
@@ -231,8 +220,6 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-        if config.bigram_table:
-            torch.nn.init.zeros_(self.bigram.weight)
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -259,8 +246,10 @@ class GPT(nn.Module):
         return 6 * self.get_num_params() + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size + second_head
 
     def forward(self, idx, targets=None, kv_cache=None):
-        """idx (B, T) token ids -> logits (B, T, vocab_size) and the mean cross-entropy loss when
-        targets (B, T) are given; otherwise logits of the last position only, (B, 1, vocab_size)."""
+        """idx (B, T) token ids -> (logits, loss, extra_loss). With targets (B, T): logits (B, T,
+        vocab_size), loss the mean cross-entropy of the next token (what evals report), and in
+        training extra_loss, the weighted terms of other objectives that training adds to it (None
+        if there are none). Without targets: the last position's logits (B, 1, vocab_size), None, None."""
         B, T = idx.size()
         start = 0 if kv_cache is None else kv_cache.pos
         if start + T > self.config.block_size:
@@ -276,37 +265,25 @@ class GPT(nn.Module):
         else:
             rope = (self.rope_cos[pos], self.rope_sin[pos])
         x = self.transformer.drop(x)
-        x0 = x
-        value_embed = self.value_embed(idx) if self.config.value_embed else None
-        for i, block in enumerate(self.transformer.h):
-            if self.config.embed_skip:  # a short path from the tokens to every layer
-                x = x + self.embed_gain[i] * x0
-            x = block(x, kv_cache, rope, value_embed)
+        for block in self.transformer.h:
+            x = block(x, kv_cache, rope)
         if kv_cache is not None:
             kv_cache.pos += T
         x = self.transformer.ln_f(x)
 
-        if targets is not None:
-            logits = self.lm_head(x)
-            if self.config.bigram_table:
-                logits = logits + self.bigram(idx)
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-            if self.config.mtp_weight and self.training:
-                # the token after next: position t's target is t+1's target (the last position has none)
-                h = x[:, :-1]
-                after_next = self.lm_head(h + self.mtp(h))
-                extra = F.cross_entropy(after_next.reshape(-1, after_next.size(-1)), targets[:, 1:].reshape(-1),
-                                        ignore_index=-1)
-                # its gradient joins the next token's but its value does not (extra - extra is 0), so the
-                # training loss reported stays the next token's, comparable with the evals'
-                loss = loss + self.config.mtp_weight * (extra - extra.detach())
-        else:
-            # only the last position's logits are needed to sample the next token
-            logits = self.lm_head(x[:, [-1], :])
-            if self.config.bigram_table:
-                logits = logits + self.bigram(idx[:, [-1]])
-            loss = None
-        return logits, loss
+        if targets is None:
+            return self.lm_head(x[:, [-1], :]), None, None  # sampling needs the last position's logits only
+        logits = self.lm_head(x)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        extra_loss = None
+        if self.config.mtp_weight and self.training:
+            # multi-token prediction: also predict the token after next, from one residual step past the
+            # last layer. Position t's target is position t+1's (the last position has none).
+            h = x[:, :-1]
+            after_next = self.lm_head(h + self.mtp(h))
+            extra_loss = self.config.mtp_weight * F.cross_entropy(
+                after_next.reshape(-1, after_next.size(-1)), targets[:, 1:].reshape(-1), ignore_index=-1)
+        return logits, loss, extra_loss
 
     def crop_block_size(self, block_size):
         """Shrink the context length, e.g. to fine-tune a model with a shorter block_size."""
@@ -350,13 +327,13 @@ class GPT(nn.Module):
         cache = None
         for _ in range(max_new_tokens):
             if not use_cache:
-                logits, _ = self(idx[:, -block_size:])
+                logits, _, _ = self(idx[:, -block_size:])
             elif cache is None or cache.pos == block_size:
                 keep = block_size if cache is None else max(block_size // 2, 1)
                 cache = KVCache(self.config, self.kv_cache_dtype)
-                logits, _ = self(idx[:, -keep:], kv_cache=cache)
+                logits, _, _ = self(idx[:, -keep:], kv_cache=cache)
             else:
-                logits, _ = self(idx[:, -1:], kv_cache=cache)
+                logits, _, _ = self(idx[:, -1:], kv_cache=cache)
             idx_next = sample_next(logits[:, -1, :], temperature, top_k, generator)
             idx = torch.cat((idx, idx_next), dim=1)
             yield idx_next
@@ -394,10 +371,12 @@ class Bigram(nn.Module):
         return self.token_embedding_table.weight.numel()
 
     def forward(self, idx, targets=None):
+        """As GPT.forward: (logits, loss, extra_loss); a table has no other objective."""
         logits = self.token_embedding_table(idx)  # (B, T, vocab_size)
         if targets is None:
-            return logits[:, [-1], :], None
-        return logits, F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+            return logits[:, [-1], :], None, None
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss, None
 
     def flops_per_token(self):
         return 6 * self.get_num_params()  # the lookup is a one-hot matmul with the table
@@ -406,7 +385,7 @@ class Bigram(nn.Module):
     def generate_tokens(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True, generator=None):
         """As GPT.generate_tokens; the next character depends on the last one only, so no cache."""
         for _ in range(max_new_tokens):
-            logits, _ = self(idx[:, -1:])
+            logits, _, _ = self(idx[:, -1:])
             idx = sample_next(logits[:, -1, :], temperature, top_k, generator)
             yield idx
 

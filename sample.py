@@ -80,7 +80,7 @@ def sample(cfg, out=sys.stdout):
     # sampling dtype (rather than cast by autocast at every step) make it faster.
     model.eval().to(device=device, dtype=getattr(torch, dtype))
     if use_compile(cfg.compile, device):
-        model.forward = torch.compile(model.forward, dynamic=True)  # generate() calls forward
+        model.compile(dynamic=True)  # generate() calls the model, which now runs compiled
     else:
         speed_up_sampling(model, device, cfg.num_samples)
     prompt = read_start(cfg.start)

@@ -1,8 +1,9 @@
 """
-Speed paths for CPUs, swapped into a model after it is built, so that model.py stays the lecture's
-model. They compute what the modules they replace compute (dropout masks aside, which are random
-either way); parameter names, checkpoints and nanoGPT compatibility are unchanged. On GPUs and MPS
-nothing is swapped.
+Speed paths for CPUs, so that model.py stays the lecture's model: faster modules swapped in for
+nn.Dropout and nn.Linear once the model is built, and the attention's choice of kernel. A swapped
+module computes what the one it replaces computes (dropout masks aside, which are random either way)
+with the same parameters, so names, checkpoints and nanoGPT compatibility are unchanged, and a
+forker's new modules and forward arguments need nothing here. On GPUs and MPS nothing changes.
 
     speed_up_training(model, device, dtype)        # train.py and bench.py, before training
     speed_up_sampling(model, device, batch_size)   # sample.py, once the weights are in their dtype
@@ -13,6 +14,7 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
+from torch.nn import functional as F
 
 from model import GPT, CausalSelfAttention
 
@@ -56,7 +58,7 @@ def speed_up_training(model, device, dtype):
     replace_modules(model, nn.Dropout, lambda m: FastDropout(m.p))
     for module in model.modules():
         if isinstance(module, CausalSelfAttention):
-            module.flash = dtype != "bfloat16"
+            module.fused_kernel = dtype != "bfloat16"
     if isinstance(model, GPT):
         model.kv_cache_dtype = torch.float32
     return model
@@ -64,13 +66,14 @@ def speed_up_training(model, device, dtype):
 
 def speed_up_sampling(model, device, batch_size):
     """For generating batch_size sequences on a CPU, with the weights already in their sampling
-    dtype: keys and values cached in float32; for one sequence in bfloat16, its one-token steps on
-    PyTorch's own matrix-vector kernels; for several, the weights packed once for oneDNN."""
+    dtype: keys and values cached in float32; for one sequence in bfloat16, MatrixVectorLinear
+    layers; for several, the weights packed once for oneDNN (PackedLinear)."""
     if not on_cpu(device) or not isinstance(model, GPT):
         return model
     model.kv_cache_dtype = torch.float32
     if batch_size == 1 and model.lm_head.weight.dtype == torch.bfloat16:
-        one_token_steps_without_onednn(model)
+        replace_modules(model, nn.Linear, MatrixVectorLinear)
+        return model
     return pack_linears(model, batch_size)
 
 
@@ -84,20 +87,20 @@ def onednn_disabled():
         torch.backends.mkldnn.enabled = before
 
 
-def one_token_steps_without_onednn(model):
-    """Run the model's one-token cached steps (B = T = 1) with oneDNN off: PyTorch then uses its own
-    matrix-vector kernels, which are faster for a single row than oneDNN's. Longer inputs (the
-    prompt, a refill of the cache) keep oneDNN."""
-    forward = model.forward
+class MatrixVectorLinear(nn.Module):
+    """An nn.Linear (the same weight and bias) for generating one sequence in bfloat16 on a CPU: a
+    single row, as each new token's step has, runs on PyTorch's own matrix-vector kernel, which is
+    faster for it than oneDNN's; longer inputs (the prompt, a refill of the cache) keep oneDNN."""
 
-    def forward_one_token(idx, targets=None, kv_cache=None):
-        if kv_cache is None or idx.shape != (1, 1):
-            return forward(idx, targets, kv_cache)
+    def __init__(self, linear):
+        super().__init__()
+        self.weight, self.bias = linear.weight, linear.bias  # shared, so tied weights stay tied
+
+    def forward(self, x):
+        if x.numel() != x.size(-1):
+            return F.linear(x, self.weight, self.bias)
         with onednn_disabled():
-            return forward(idx, targets, kv_cache)
-
-    model.forward = forward_one_token
-    return model
+            return F.linear(x, self.weight, self.bias)
 
 
 class PackedLinear(nn.Module):

@@ -1,5 +1,5 @@
 # The lecture's first model: a bigram table, each character predicting the next on its own.
-# Its val loss (about 2.5) is the baseline the transformer has to beat.
+# Its val loss (the lecture reports about 2.5) is the baseline the transformer has to beat.
 
 out_dir = 'out-shakespeare-char-bigram'
 model_type = 'bigram'

@@ -87,3 +87,28 @@ def assert_same_weights(a, b, rtol=0.0, atol=0.0):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=k)
+
+
+class FakeClock:
+    """Stands in for time.perf_counter in train.py and metrics.py (use_fake_clock): every reading is
+    one tick after the last, so a training step, timed by a reading at its start and one at its end,
+    lasts exactly one tick however busy the machine is, and a time budget ends after a known count."""
+
+    def __init__(self, tick):
+        self.tick, self.now = tick, 0.0
+
+    def __call__(self):
+        self.now += self.tick
+        return self.now
+
+
+def use_fake_clock(monkeypatch, tick=1 / 64):
+    """Give train.py and metrics.py a FakeClock (a power of two, so sums of ticks are exact); returns it."""
+    import types
+
+    import metrics
+    import train
+    clock = FakeClock(tick)
+    for module in (train, metrics):
+        monkeypatch.setattr(module, "time", types.SimpleNamespace(perf_counter=clock))
+    return clock

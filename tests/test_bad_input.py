@@ -91,7 +91,8 @@ def T(cfg):
             "--learning_rate=3e-3", "--dtype=float32", "--seed=0"]
 
 
-# One case a line: the script, its arguments (as a shell splits them) | what its one line of error says.
+# One case a line: the script, its arguments (as a shell splits them) | what its one line of error says
+# [| the machines it is for, where the machine decides: 'no CUDA', 'no MPS'; elsewhere it is skipped].
 CASES_TABLE = """
 # train.py: settings
 train --batch_size=0                                               | batch_size must be positive, got 0
@@ -106,7 +107,9 @@ train --dropout=1.0                                                | dropout mus
 train --grad_clip=-1                                               | grad_clip must be >= 0
 train --warmup_iters=500 --lr_decay_iters=100                      | lr_decay_iters must be greater than warmup_iters
 train --device=cpu:x                                               | device must be auto, cpu, cuda, cuda:N or mps, got 'cpu:x'
-train --device=cuda:0                                              | this PyTorch sees no CUDA GPU
+train --device=cuda:0                                              | this PyTorch sees no CUDA GPU | no CUDA
+train --device=mps                                                 | MPS is not available here | no MPS
+train --device=cuda:99                                             | device=cuda:99 but {no_cuda_99}
 train --dtype=float8                                               | dtype must be one of 'auto', 'float32', 'bfloat16', 'float16'
 train --dtype=float16                                              | float16 autocast is for GPUs
 train --compile=yes                                                | compile must be one of True, False, 'auto'
@@ -154,6 +157,7 @@ sample --temperature=-1                                            | temperature
 sample --num_samples=0                                             | num_samples must be positive
 sample --max_new_tokens=0                                          | max_new_tokens must be positive
 sample --device=cpu:x                                              | device must be auto, cpu, cuda, cuda:N or mps
+sample --device=cuda:99                                            | device=cuda:99 but {no_cuda_99}
 sample --init_from=gpt2                                            | GPT-2 weights are not supported
 sample --init_from=scratch                                         | init_from must be 'resume'
 sample '--out_dir={d}/out_truncated'                               | is not a readable checkpoint
@@ -181,16 +185,24 @@ bench --device=gpu                                                 | device must
 """
 
 
+# Where a case asks for a device: whether this machine lacks it, and what a GPU index past its GPUs gets
+MACHINES = {"no CUDA": not torch.cuda.is_available(), "no MPS": not torch.backends.mps.is_available()}
+NO_CUDA_99 = (f"this machine has {torch.cuda.device_count()} CUDA GPU(s)" if torch.cuda.is_available()
+              else "this PyTorch sees no CUDA GPU")
+
+
 def case(line):
-    command, message = line.split(" | ", 1)
+    command, message, *machines = [part.strip() for part in line.split(" | ")]
     script, *args = shlex.split(command)
-    return script, args, message
+    marks = [pytest.mark.skipif(not MACHINES[m], reason=f"for a machine with {m}: this one has it") for m in machines]
+    return pytest.param(script, args, message.replace("{no_cuda_99}", NO_CUDA_99), marks=marks,
+                        id=" ".join([script] + args))
 
 
 CASES = [case(line) for line in CASES_TABLE.strip().splitlines() if not line.startswith("#")]
 
 
-@pytest.mark.parametrize("script, args, message", CASES, ids=[" ".join([c[0]] + c[1]) for c in CASES])
+@pytest.mark.parametrize("script, args, message", CASES)
 def test_bad_input_gets_one_line_and_changes_nothing(world, script, args, message):
     root, cfg, d, marker = world
     args = [a.replace("{d}", str(d)) for a in args]

@@ -4,7 +4,7 @@ import pytest
 
 from bench import BenchConfig, bench, cpu_name
 from helpers import CAN_PACK
-from train import TrainBatches
+from dataset import TrainBatches
 
 
 def test_bench_times_every_path_and_prints_one_table(capsys):

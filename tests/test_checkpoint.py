@@ -1,4 +1,5 @@
 import dataclasses
+import math
 import os
 
 import numpy as np
@@ -9,7 +10,8 @@ from checkpoint import (CheckpointError, capture_rng, load_checkpoint, restore_r
                         save_checkpoint)
 from configurator import ConfigError
 from model import GPT, GPTConfig
-from train import Progress, train
+from checkpoint import Progress
+from train import train
 
 
 def test_corrupt_checkpoint(tmp_path):
@@ -68,11 +70,12 @@ def test_each_process_restores_its_own_random_state():
         torch.manual_seed(seed)
         states.append(capture_rng(data_rng, "cpu"))
     expected_rank1 = torch.rand(3)
+    expected_batch = np.random.default_rng(0).integers(0, 100, 5)  # the sampler's next draw when captured
     data_rng.integers(0, 100, 5)  # move the sampler on
     torch.manual_seed(99)
     restore_rng(states, data_rng, "cpu", rank=1)
     assert torch.equal(torch.rand(3), expected_rank1)
-    assert data_rng.bit_generator.state == states[0]["data"]
+    assert np.array_equal(data_rng.integers(0, 100, 5), expected_batch)  # on from where it was captured
     # a third process (resumed on more devices) keeps its own seed instead of copying another's
     torch.manual_seed(12)
     own = torch.rand(3)
@@ -104,6 +107,16 @@ def test_float16_resume_of_a_checkpoint_saved_without_scaler(tiny_cfg):
     restore_training_state(checkpoint, model, optimizer, scaler, np.random.default_rng(0), "cpu")
     progress = Progress.from_checkpoint(checkpoint)
     assert progress.iter_num == 40 and progress.best_val_loss == checkpoint["best_val_loss"] and scaler.get_scale() == 2.0 ** 16
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="float16 training needs a CUDA GPU")
+def test_a_cpu_run_resumes_on_a_gpu_in_float16(tiny_cfg):
+    """The same, as a user does it: a float32 run on the CPU, continued on the GPU with --dtype=float16."""
+    train(tiny_cfg)
+    losses = train(dataclasses.replace(tiny_cfg, init_from="resume", max_iters=60, device="cuda", dtype="float16",
+                                       compile=False, always_save_checkpoint=True))
+    assert load_checkpoint(os.path.join(tiny_cfg.out_dir, "ckpt.pt"))["iter_num"] == 60
+    assert math.isfinite(losses["val"])  # float16 did not overflow
 
 
 @pytest.mark.parametrize("override, key", [(dict(batch_size=4), "batch_size"), (dict(block_size=16), "block_size"),

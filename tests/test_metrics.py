@@ -3,15 +3,14 @@ import dataclasses
 import json
 import os
 import re
-import struct
 import sys
-import time
 
 import pytest
 
 from configurator import UserError
 from helpers import TINY_TEXT, run_in_process, run_script
-from train import Progress
+from checkpoint import Progress
+import metrics
 from metrics import TrainingLog, plot_metrics
 from train import train
 
@@ -35,55 +34,64 @@ def test_plot_without_matplotlib(tiny_cfg, monkeypatch):
         plot_metrics(tiny_cfg.out_dir)
 
 
-def read_wandb_records(path):
-    """The records of an offline run's .wandb file: a 7-byte header, then a log of 32 KiB blocks whose
-    records each have a 7-byte header (crc32, length, type: 1 whole, 2 first, 3 middle, 4 last part)."""
-    from wandb.proto import wandb_internal_pb2
-    data, pos, records, parts = path.read_bytes(), 7, [], b""
-    assert data[:4] == b":W&B"
-    while pos + 7 <= len(data):
-        left = 32768 - pos % 32768
-        if left < 7:
-            pos += left
-            continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        payload, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
-        parts = payload if kind in (1, 2) else parts + payload
-        if kind in (1, 4):
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(parts)
-            records.append(record)
-    return records
+class RecordedRun:
+    """A wandb run, with what the program hands it through wandb's public API (run.log, run.finish)
+    noted on the way: what a W&B user then sees of the run, without reading wandb's private files."""
+
+    def __init__(self, run):
+        self.run, self.logged, self.exit_codes = run, [], []
+
+    def log(self, data, step=None, **kwargs):
+        self.logged.append((step, dict(data)))
+        return self.run.log(data, step=step, **kwargs)
+
+    def finish(self, exit_code=None, **kwargs):
+        self.exit_codes.append(exit_code)
+        return self.run.finish(exit_code=exit_code, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.run, name)
 
 
 def test_wandb_logs_the_metrics_and_config_offline(tiny_cfg, tmp_path, monkeypatch):
-    """A real wandb run in offline mode (no account, no network): it gets the config and the numbers
-    metrics.csv gets, under nanoGPT's names for the eval losses."""
+    """A real wandb run in offline mode (no account, no network): it gets the run's project, name and
+    config, the numbers metrics.csv gets at the same iterations (under nanoGPT's names for the eval
+    losses), and is finished, leaving its offline run under WANDB_DIR for `wandb sync` to upload."""
     wandb = pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
+    runs, real_init = [], wandb.init
+
+    def init(*args, **kwargs):
+        runs.append(RecordedRun(real_init(*args, **kwargs)))
+        return runs[-1]
+
+    monkeypatch.setattr(wandb, "init", init)
     cfg = dataclasses.replace(tiny_cfg, wandb_log=True, wandb_project="tiny-project", wandb_run_name="tiny-run")
-    losses = train(cfg)
-    wandb.teardown()  # what the process's exit does: wandb's service closes the run's file
-    files = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
-    assert len(files) == 1
-    records = read_wandb_records(files[0])
-    kinds = [r.WhichOneof("record_type") for r in records]
-    assert "run" in kinds, f"no run record in {files[0].stat().st_size} bytes; records: {kinds[:30]}"
-    run = records[kinds.index("run")].run
-    name = lambda item: item.key or "/".join(item.nested_key)  # noqa: E731
-    config = {name(item): json.loads(item.value_json) for item in run.config.update}
-    assert (run.project, run.display_name) == ("tiny-project", "tiny-run")
-    assert config["n_embd"] == 32 and config["wandb_log"] is True
-    history = [{name(item): json.loads(item.value_json) for item in r.history.item}
-               for r in records if r.WhichOneof("record_type") == "history"]
-    assert [h["iter"] for h in history] == [0, 10, 20, 30, 40]
-    assert history[-1]["val/loss"] == pytest.approx(losses["val"], abs=1e-5)
-    assert {"train/loss", "val/loss", "loss", "lr", "tokens", "elapsed_s"} <= history[-1].keys()
+    try:
+        losses = train(cfg)
+    finally:
+        wandb.teardown()  # what the process's exit does: wandb's service closes the run's files
+    assert len(runs) == 1
+    run = runs[0]
+    assert (run.project, run.name, run.offline) == ("tiny-project", "tiny-run", True)
+    assert run.config["n_embd"] == 32 and run.config["wandb_log"] is True
+    assert run.exit_codes == [0]  # finished, as a success
+    # the run's folder, in WANDB_DIR: what `wandb sync` uploads
+    folders = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(folders) == 1 and [f.stat().st_size > 0 for f in folders[0].glob("run-*.wandb")] == [True]
+    # the charts W&B draws: a row per iteration, the eval's and the log line's numbers together
+    history = {}
+    for step, data in run.logged:
+        history.setdefault(step, {}).update(data)
+    assert sorted(history) == [0, 10, 20, 30, 40]
+    last = history[40]
+    assert {"train/loss", "val/loss", "loss", "lr", "tokens", "elapsed_s"} <= last.keys()
+    assert last["val/loss"] == pytest.approx(losses["val"], abs=1e-5)
     with open(os.path.join(cfg.out_dir, "metrics.csv")) as f:
         last_log = [r for r in csv.DictReader(f) if r["kind"] == "log"][-1]
-    assert history[-1]["loss"] == pytest.approx(float(last_log["loss"]))
+    assert last["loss"] == pytest.approx(float(last_log["loss"])) and last["tokens"] == int(last_log["tokens"])
 
 
 def test_wandb_missing_is_one_line(tiny_cfg, monkeypatch):
@@ -117,12 +125,28 @@ def test_a_finished_run_is_plotted_by_a_plain_command(tiny_cfg, tmp_path):
     assert r.stderr.startswith("error: no loss curves to draw: can't read") and "train a run" in r.stderr
 
 
-def test_log_lines_show_ms_per_iteration_and_mfu(tiny_cfg, capsys):
-    """MFU is the model's FLOPs per iteration over the time per iteration, as a share of the peak."""
+class Clock:
+    """A stand-in for metrics.py's time module: perf_counter() reads seconds the test sets."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def perf_counter(self):
+        return self.now
+
+
+def test_log_lines_show_ms_per_iteration_and_mfu(tiny_cfg, capsys, monkeypatch):
+    """MFU is the model's FLOPs per iteration over the time per iteration, as a share of the peak;
+    the time is a clock the test moves, so that the numbers shown are exact on any machine."""
     os.makedirs(tiny_cfg.out_dir)
+    clock = Clock()
+    monkeypatch.setattr(metrics, "time", clock)
     with TrainingLog(tiny_cfg, Progress(), tokens_per_iter=256, flops_per_iter=1e9, peak_flops=4e9, master=True) as log:
-        log.window_start, log.window_iters = time.perf_counter() - 2.0, 2  # two iterations in 2 s
+        for _ in range(2):  # two iterations in 2 s
+            clock.now += 1.0
+            log.step(1.0)
         log.log(Progress(iter_num=10), loss=1.5, lr=1e-3)
-        assert "loss 1.5000 (2.164 bpc), lr 1.00e-03, 1000 ms/iter, 256 tok/s, MFU 25.0%" in log.bar.postfix
+    assert "loss 1.5000 (2.164 bpc), lr 1.00e-03, 1000 ms/iter, 256 tok/s, MFU 25.0%" in capsys.readouterr().err
+    monkeypatch.undo()
     train(tiny_cfg)
     assert re.search(r"\d+ ms/iter, [\d,]+ tok/s, MFU \d+\.\d%", capsys.readouterr().err)  # a real run's

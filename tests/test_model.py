@@ -18,9 +18,9 @@ def tiny(**kw):
 def test_output_shapes_and_loss():
     model = tiny()
     idx = torch.randint(0, 11, (3, 16))
-    logits, loss = model(idx, idx)
+    logits, loss, _ = model(idx, idx)
     assert logits.shape == (3, 16, 11) and loss.shape == ()
-    logits, loss = model(idx)
+    logits, loss, _ = model(idx)
     assert logits.shape == (3, 1, 11) and loss is None  # only the last position without targets
 
 
@@ -28,7 +28,7 @@ def test_loss_at_init_close_to_uniform():
     model = tiny(vocab_size=65, n_embd=32)
     g = torch.Generator().manual_seed(0)
     idx, targets = torch.randint(0, 65, (2, 8, 16), generator=g)
-    _, loss = model(idx, targets)
+    _, loss, _ = model(idx, targets)
     assert abs(loss.item() - math.log(65)) < 0.1
 
 
@@ -38,8 +38,8 @@ def test_causality():
     changed = idx.clone()
     t = 9
     changed[0, t] = (idx[0, t] + 1) % 11
-    a, _ = model(idx, idx)
-    b, _ = model(changed, changed)
+    a, _, _ = model(idx, idx)
+    b, _, _ = model(changed, changed)
     torch.testing.assert_close(a[:, :t], b[:, :t])  # the past does not see the future
     assert not torch.allclose(a[:, t:], b[:, t:])  # ... and the change is visible from t on
 
@@ -72,7 +72,7 @@ def test_tiny_model_overfits_one_batch():
     idx = torch.randint(0, 11, (4, 16), generator=torch.Generator().manual_seed(2))
     opt = model.configure_optimizers(0.0, 1e-2, (0.9, 0.99), "cpu")
     for _ in range(150):
-        _, loss = model(idx[:, :-1], idx[:, 1:])
+        _, loss, _ = model(idx[:, :-1], idx[:, 1:])
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -85,7 +85,6 @@ def test_weight_decay_only_on_matrices():
     decayed, plain = opt.param_groups
     assert decayed["weight_decay"] == 0.1 and all(p.dim() >= 2 for p in decayed["params"])
     assert plain["weight_decay"] == 0.0 and all(p.dim() < 2 for p in plain["params"])
-    assert opt.defaults["fused"] is True  # torch >= 2.4 has a fused AdamW for CPU
 
 
 def test_greedy_generation_is_deterministic_and_equals_top_k_1():
@@ -113,7 +112,7 @@ def test_kv_cache_generates_the_same_tokens(temperature, top_k):
 def test_kv_cache_logits_match_full_forward():
     model = tiny().eval()
     idx = torch.randint(0, 11, (2, 16), generator=torch.Generator().manual_seed(3))
-    full, _ = model(idx, idx)
+    full, _, _ = model(idx, idx)
     cache = KVCache(model.config)
     step_logits = [model(idx[:, :5], kv_cache=cache)[0][:, -1]]
     for t in range(5, 16):
@@ -159,12 +158,12 @@ def test_config_rejects_bad_head_count():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_explicit_attention_equals_the_fused_kernel(dtype):
-    """The lecture's maths (flash=False) and scaled_dot_product_attention: the same outputs and
+    """The lecture's maths (fused_kernel=False) and scaled_dot_product_attention: the same outputs and
     gradients, for a whole sequence and for one new token against a cache."""
     torch.manual_seed(0)
     fused = CausalSelfAttention(GPTConfig(n_embd=32, n_head=4, block_size=16, dropout=0.0), layer_idx=0)
     explicit = copy.deepcopy(fused)
-    explicit.flash = False
+    explicit.fused_kernel = False
     x = torch.randn(3, 10, 32, generator=torch.Generator().manual_seed(1))
     w = torch.randn(3, 10, 32, generator=torch.Generator().manual_seed(2))
     tol = dict(rtol=0, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
@@ -201,10 +200,11 @@ def test_flops_per_token_matches_the_flops_pytorch_counts(mtp_weight):
     cfg = GPTConfig(block_size=64, vocab_size=65, n_layer=2, n_head=4, n_embd=64, dropout=0.0, mtp_weight=mtp_weight)
     model = GPT(cfg)
     for block in model.transformer.h:  # the counter sees the written-out maths' matmuls, not the fused kernel's
-        block.attn.flash = False
+        block.attn.fused_kernel = False
     idx = torch.randint(0, 65, (4, 64), generator=torch.Generator().manual_seed(0))
     with FlopCounterMode(display=False) as counter:
-        model(idx, idx)[1].backward()
+        _, loss, extra_loss = model(idx, idx)
+        (loss if extra_loss is None else loss + extra_loss).backward()
     counted = counter.get_total_flops() / idx.numel()
     assert abs(counted - model.flops_per_token()) / counted < 0.01, (counted, model.flops_per_token())
 
@@ -216,11 +216,11 @@ def test_sample_next_top_k_keeps_only_k_tokens():
     assert picks == {1, 2}
 
 
-@pytest.mark.parametrize("flash", [True, False])  # the fused kernel, the maths written out
-def test_attention_weights_get_dropout_in_training_only(flash):
+@pytest.mark.parametrize("fused_kernel", [True, False])  # the fused kernel, the maths written out
+def test_attention_weights_get_dropout_in_training_only(fused_kernel):
     torch.manual_seed(0)
     attn = CausalSelfAttention(GPTConfig(n_embd=16, n_head=2, block_size=8, dropout=0.5), layer_idx=0)
-    attn.flash = flash
+    attn.fused_kernel = fused_kernel
     x = torch.randn(2, 8, 16)
     with torch.no_grad():
         plain = attn.eval()(x).float()
@@ -235,9 +235,9 @@ def test_attention_weights_get_dropout_in_training_only(flash):
 def test_bf16_autocast_close_to_fp32():
     model = tiny(vocab_size=65, n_embd=32)
     idx = torch.randint(0, 65, (4, 16), generator=torch.Generator().manual_seed(5))
-    _, loss32 = model(idx[:, :-1], idx[:, 1:])
+    _, loss32, _ = model(idx[:, :-1], idx[:, 1:])
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        logits16, loss16 = model(idx[:, :-1], idx[:, 1:])
+        logits16, loss16, _ = model(idx[:, :-1], idx[:, 1:])
     assert logits16.dtype == torch.bfloat16  # the matmuls really ran in bf16
     assert abs(loss16.item() - loss32.item()) < 0.02
 
@@ -248,8 +248,8 @@ def test_position_encodings_are_causal_and_cache_exact(pos_encoding):
     idx = torch.randint(0, 11, (1, 16), generator=torch.Generator().manual_seed(1))
     changed = idx.clone()
     changed[0, 9] = (idx[0, 9] + 1) % 11
-    a, _ = model(idx, idx)
-    b, _ = model(changed, changed)
+    a, _, _ = model(idx, idx)
+    b, _, _ = model(changed, changed)
     torch.testing.assert_close(a[:, :9], b[:, :9])
     out = {}
     for use_cache in (True, False):
@@ -262,8 +262,8 @@ def test_position_encodings_tell_order_apart():
     # without positions, attention is blind to order: "1 2 3 4" and "2 1 3 4" would predict alike
     for pe in ("learned", "sinusoidal", "rope"):
         model = tiny(pos_encoding=pe).eval()
-        a, _ = model(torch.tensor([[1, 2, 3, 4]]))
-        b, _ = model(torch.tensor([[2, 1, 3, 4]]))
+        a, _, _ = model(torch.tensor([[1, 2, 3, 4]]))
+        b, _, _ = model(torch.tensor([[2, 1, 3, 4]]))
         assert not torch.allclose(a, b), pe
 
 
@@ -291,7 +291,7 @@ def test_bigram_model():
     from model import build_model
     model = build_model(GPTConfig(model_type="bigram", vocab_size=11, block_size=8))
     idx = torch.randint(0, 11, (2, 8))
-    logits, loss = model(idx, idx)
+    logits, loss, _ = model(idx, idx)
     assert logits.shape == (2, 8, 11) and abs(loss.item() - math.log(11)) < 0.1
     torch.manual_seed(0)
     out = model.generate(idx[:, :1], 20, temperature=0)
@@ -300,76 +300,11 @@ def test_bigram_model():
     assert all(out[0, t + 1] == table[out[0, t]].argmax() for t in range(20))
 
 
-IDEAS = dict(bigram_table=True, embed_skip=True, value_embed=True, mtp_weight=0.3)
-
-
-def test_ideas_are_off_by_default():
-    config = GPTConfig()
-    assert not any(getattr(config, name) for name in IDEAS)
-    keys = set(tiny().state_dict())
-    assert not any(k.startswith(("bigram", "embed_gain", "value_embed", "mtp")) or "value_gain" in k for k in keys)
-    assert {"bigram.weight", "embed_gain", "value_embed.weight", "transformer.h.0.attn.value_gain",
-            "mtp.weight"} <= set(tiny(**IDEAS).state_dict())
-
-
-def test_bigram_table_adds_the_current_tokens_row_to_the_logits():
-    model = tiny(bigram_table=True)
-    idx = torch.randint(0, 11, (2, 16), generator=torch.Generator().manual_seed(1))
-    assert not model.bigram.weight.any()  # starts as the plain GPT
-    before, _ = model(idx, idx)
-    with torch.no_grad():
-        model.bigram.weight[3, 5] = 50.0
-    after, _ = model(idx, idx)
-    expected = torch.zeros_like(before)
-    expected[..., 5] = 50.0 * (idx == 3)
-    torch.testing.assert_close(after - before, expected)
-    last, _ = model(idx[:, :5])  # generation's path: the last position's row
-    assert torch.equal(last[:, 0].argmax(-1) == 5, idx[:, 4] == 3)
-
-
-def test_embed_skip_adds_a_share_of_the_embeddings_to_every_block_input():
-    model = tiny(embed_skip=True)
-    idx = torch.randint(0, 11, (2, 16), generator=torch.Generator().manual_seed(1))
-    inputs, outputs = [], []
-
-    def record(module, args, out):
-        inputs.append(args[0])
-        outputs.append(out)
-    for block in model.transformer.h:
-        block.register_forward_hook(record)
-    with torch.no_grad():
-        model.embed_gain.copy_(torch.tensor([0.5, -2.0]))
-        model(idx, idx)
-    x0 = model.transformer.wte(idx) + model.transformer.wpe(torch.arange(16))
-    torch.testing.assert_close(inputs[0], 1.5 * x0)
-    torch.testing.assert_close(inputs[1], outputs[0] - 2.0 * x0)
-    model.zero_grad()
-    model(idx, idx)[1].backward()
-    assert model.embed_gain.grad.abs().min() > 0  # learned
-
-
-def test_value_embed_feeds_the_token_embeddings_into_attention_values():
-    model = tiny(value_embed=True)
-    attn = model.transformer.h[0].attn
-    with torch.no_grad():
-        attn.c_attn.weight.zero_()
-        attn.c_attn.bias.zero_()  # q = k = 0: each position averages the values of its past evenly
-        attn.value_gain.fill_(0.5)
-    idx = torch.randint(0, 11, (2, 16), generator=torch.Generator().manual_seed(1))
-    out = []
-    attn.register_forward_hook(lambda m, args, y: out.append(y))
-    with torch.no_grad():
-        model(idx, idx)
-    ve = 0.5 * model.value_embed(idx)
-    running_mean = ve.cumsum(1) / torch.arange(1, 17)[:, None]
-    torch.testing.assert_close(out[0], attn.c_proj(running_mean))
-
-
-def test_mtp_trains_on_the_token_after_next_but_reports_the_next_tokens_loss():
+def test_mtp_returns_the_token_after_nexts_loss_beside_the_next_tokens():
     model = tiny(mtp_weight=0.5)
     seq = torch.randint(0, 11, (2, 17), generator=torch.Generator().manual_seed(1))
-    _, loss = model(seq[:, :-1], seq[:, 1:])
-    loss.backward()
+    _, loss, extra_loss = model(seq[:, :-1], seq[:, 1:])
+    (loss + extra_loss).backward()  # the objective, as train_step sums it
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     assert grads["mtp.weight"].abs().sum() > 0
 
@@ -378,20 +313,20 @@ def test_mtp_trains_on_the_token_after_next_but_reports_the_next_tokens_loss():
     model.eval().zero_grad()
     hidden = []
     model.transformer.ln_f.register_forward_hook(lambda m, args, out: hidden.append(out))
-    logits, next_only = model(seq[:, :-1], seq[:, 1:])
-    assert model.mtp.weight.grad is None  # evaluation never uses the second head
-    torch.testing.assert_close(loss, next_only, rtol=0, atol=0)  # the value reported: the next token's loss
+    logits, next_only, none = model(seq[:, :-1], seq[:, 1:])
+    assert none is None  # evaluation never uses the second head
+    torch.testing.assert_close(loss, next_only, rtol=0, atol=0)  # the loss returned: the next token's alone
     h = hidden[0][:, :-1]  # positions 0..14, whose token after next is seq[:, 2:]
     after_next = model.lm_head(h + h @ model.mtp.weight.T)
-    objective = F.cross_entropy(logits.reshape(-1, 11), seq[:, 1:].reshape(-1)) + \
-        0.5 * F.cross_entropy(after_next.reshape(-1, 11), seq[:, 2:].reshape(-1))
-    objective.backward()
+    by_hand = 0.5 * F.cross_entropy(after_next.reshape(-1, 11), seq[:, 2:].reshape(-1))
+    torch.testing.assert_close(extra_loss, by_hand)  # the weighted term
+    (F.cross_entropy(logits.reshape(-1, 11), seq[:, 1:].reshape(-1)) + by_hand).backward()
     for name, p in model.named_parameters():
         torch.testing.assert_close(grads[name], p.grad, msg=name)
 
 
-def test_ideas_keep_the_kv_cache_exact_and_train():
-    model = tiny(block_size=32, pos_encoding="rope", **IDEAS).eval()  # 4 + 28 tokens: one block, one context
+def test_mtp_keeps_the_kv_cache_exact_and_trains_its_head():
+    model = tiny(block_size=32, pos_encoding="rope", mtp_weight=0.3).eval()  # 4 + 28 tokens: one block
     idx = torch.randint(0, 11, (1, 4), generator=torch.Generator().manual_seed(1))
     out = {}
     for use_cache in (True, False):
@@ -401,10 +336,12 @@ def test_ideas_keep_the_kv_cache_exact_and_train():
     model.train()
     data = torch.randint(0, 11, (4, 17), generator=torch.Generator().manual_seed(2))
     opt = model.configure_optimizers(0.1, 1e-2, (0.9, 0.99), "cpu", optimizer="muon")
+    head = model.mtp.weight.detach().clone()
     first = model(data[:, :-1], data[:, 1:])[1].item()
     for _ in range(40):
         opt.zero_grad()
-        model(data[:, :-1], data[:, 1:])[1].backward()
+        _, loss, extra_loss = model(data[:, :-1], data[:, 1:])
+        (loss + extra_loss).backward()
         opt.step()
     assert model(data[:, :-1], data[:, 1:])[1].item() < first - 1.0
-    assert model.bigram.weight.any() and model.embed_gain.any()
+    assert not torch.equal(model.mtp.weight, head)  # the second head learnt too

@@ -57,11 +57,28 @@ def test_muon_orthogonalises_each_part_of_a_stacked_matrix_as_a_matrix_of_its_ow
     assert torch.equal(qkv, torch.cat(separate[:3])) and torch.equal(square, separate[3])
     assert torch.equal(tall, torch.cat(separate[4:]))
     assert not torch.allclose(qkv, whole)
-    # the GPT hands Muon its c_attn matrices as three parts each, and nothing else
+
+
+def test_a_gpt_trained_with_muon_updates_c_attn_as_three_matrices_and_the_others_as_one():
+    """optimizer='muon': each matrix in the blocks takes torch.optim.Muon's step, c_attn's queries,
+    keys and values each as a matrix of its own."""
+    torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=11))
-    muon = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu", optimizer="muon").optimizers["muon"]
-    assert set(muon.parts) == {block.attn.c_attn.weight for block in model.transformer.h}
-    assert set(muon.parts.values()) == {3}
+    optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu", optimizer="muon")
+    x = torch.randint(0, 11, (2, 8))
+    model(x, x)[1].backward()
+    matrices = {n: p for n, p in model.named_parameters() if n.startswith("transformer.h.") and p.dim() == 2}
+    expected = {}
+    for name, p in matrices.items():
+        parts = 3 if name.endswith("attn.c_attn.weight") else 1
+        separate = [torch.nn.Parameter(t.detach().clone()) for t in p.chunk(parts)]
+        for q, g in zip(separate, p.grad.chunk(parts)):
+            q.grad = g.clone()
+        torch.optim.Muon(separate, lr=1e-3, weight_decay=0.1, adjust_lr_fn="match_rms_adamw").step()
+        expected[name] = torch.cat([q.detach() for q in separate])
+    optimizer.step()
+    assert matrices and all(torch.equal(p, expected[n]) for n, p in matrices.items())
+    assert any(n.endswith("attn.c_attn.weight") for n in matrices)
 
 
 def test_orthogonalize_in_float32_moves_singular_values_near_one():

@@ -11,7 +11,8 @@ from helpers import CAN_PACK, run_in_process, run_script
 import sample as sample_module
 from speedups import PackedLinear, speed_up_sampling
 from sample import SampleConfig, sample
-from train import load_checkpoint, save_checkpoint, train
+from checkpoint import load_checkpoint, save_checkpoint
+from train import train
 
 
 @pytest.fixture

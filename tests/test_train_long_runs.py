@@ -6,7 +6,7 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
+import threading
 
 import pytest
 import torch
@@ -26,14 +26,40 @@ def cli_args(cfg):
 def start_training(cfg, *extra):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), *cli_args(cfg), *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
+                            start_new_session=True)  # a process group of its own: see kill_all
 
 
-def wait_for_line(proc, text):
-    for line in proc.stdout:
-        if text in line:
-            return True
-    return False
+def kill_all(proc):
+    """kill -9 proc and the processes it started (torchrun's workers)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def wait_for_line(proc, text, timeout=300):
+    """Whether proc printed a line with text; a run that has not after timeout seconds (a long wait
+    even for a loaded machine) is killed, so that a run that never prints it cannot hang the suite."""
+    watchdog = threading.Timer(timeout, kill_all, [proc])
+    watchdog.start()
+    try:
+        for line in proc.stdout:
+            if text in line:
+                return True
+        return False
+    finally:
+        watchdog.cancel()
+
+
+def next_eval(iter_num, eval_interval):
+    """The first eval step after iter_num."""
+    return (iter_num // eval_interval + 1) * eval_interval
+
+
+# A run meant to be stopped by a signal never ends by itself (the signal may land late on a busy
+# machine, but always before its end); it is then resumed to an end set from where it stopped.
+ENDLESS = 10 ** 9
 
 
 def test_resume_is_bit_identical(tiny_cfg):
@@ -47,76 +73,108 @@ def test_resume_is_bit_identical(tiny_cfg):
 
 def test_interrupted_twice_equals_uninterrupted(tiny_cfg):
     """SIGTERM, then SIGINT on the resumed run, then a resume of that resume to the end."""
-    cfg = dataclasses.replace(tiny_cfg, always_save_checkpoint=True, dropout=0.1, max_iters=150,
+    cfg = dataclasses.replace(tiny_cfg, always_save_checkpoint=True, dropout=0.1, max_iters=ENDLESS,
                               lr_decay_iters=150, eval_interval=25, eval_iters=2)
     stops = []
     for attempt, sig in enumerate([signal.SIGTERM, signal.SIGINT]):
         proc = start_training(cfg, *(["--init_from=resume"] if attempt else []))
-        seen = wait_for_line(proc, f"step {25 * (attempt + 1)}:")  # interrupt mid-run, after some progress
+        # interrupt mid-run, after some progress: at the first eval past where the last run stopped
+        seen = wait_for_line(proc, f"step {next_eval(stops[-1] if stops else 0, 25)}:")
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=120)
         assert seen and proc.returncode == 1, err
         assert err.strip().splitlines()[-1].startswith("error: stopped by SIG") and "Traceback" not in err
         stops.append(load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))["iter_num"])
-    assert stops == sorted(stops) and stops[-1] < 150
-    train(dataclasses.replace(cfg, init_from="resume"))  # the command line's resume was tested above
-    straight = dataclasses.replace(cfg, out_dir=cfg.out_dir + "-straight")
+    assert 25 <= stops[0] < stops[1]  # each run went on from where the last one stopped
+    end = next_eval(stops[-1], 25)
+    train(dataclasses.replace(cfg, init_from="resume", max_iters=end))  # the command line's resume was tested above
+    straight = dataclasses.replace(cfg, max_iters=end, out_dir=cfg.out_dir + "-straight")
     train(straight)
     assert_same_weights(os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(straight.out_dir, "ckpt.pt"))
     with open(os.path.join(cfg.out_dir, "metrics.csv")) as f:
         rows = [r for r in csv.DictReader(f) if r["kind"] == "log"]
-    assert [int(r["iter"]) for r in rows] == list(range(10, 151, 10))  # no gaps, no repeats
+    assert [int(r["iter"]) for r in rows] == list(range(10, end + 1, 10))  # no gaps, no repeats
+
+
+# `python -c HALTING_SAVES train.py ARGS` runs train.py with each save that would replace a checkpoint
+# stopped halfway: half its bytes are in the temporary file, it prints "holding" on stdout, then it
+# waits for ever (for the kill -9 to come).
+HALTING_SAVES = """
+import io, os, runpy, sys, threading
+import torch
+
+real_save = torch.save
+
+
+def save(obj, f, *args, **kwargs):
+    if not os.path.exists(f.name.rsplit(".tmp", 1)[0]):  # the first checkpoint: saved whole
+        return real_save(obj, f, *args, **kwargs)
+    buffer = io.BytesIO()
+    real_save(obj, buffer, *args, **kwargs)
+    data = buffer.getvalue()
+    f.write(data[:len(data) // 2])
+    f.flush()
+    print("holding", f.name, flush=True)
+    threading.Event().wait()
+
+
+torch.save = save
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def holds_bytes(path):
+    try:
+        return os.path.getsize(path) > 0
+    except OSError:
+        return False
 
 
 def test_kill_9_during_saves_never_leaves_a_broken_checkpoint_or_leftovers(tiny_cfg):
-    """kill -9 the moment a save's temporary file appears: the kill lands mid-save (the temporary
-    file is still there afterwards, proof that the rename never happened), yet ckpt.pt always loads,
-    and the next run in that out_dir removes what the killed ones left."""
-    cfg = dataclasses.replace(tiny_cfg, n_layer=4, n_head=4, n_embd=128, always_save_checkpoint=True,
-                              max_iters=100_000, lr_decay_iters=100_000, eval_interval=1, eval_iters=1)
+    """kill -9 in the middle of a save, of a run and then of its resumed run: ckpt.pt is still the
+    last whole checkpoint, a killed save's half-written temporary file is where the kill left it,
+    and the next run in that out_dir removes it. The saves are held halfway (HALTING_SAVES),
+    so that the kills land mid-save on any machine, however fast or busy."""
+    cfg = dataclasses.replace(tiny_cfg, always_save_checkpoint=True, max_iters=ENDLESS, lr_decay_iters=100,
+                              eval_interval=1, eval_iters=1)
     path = os.path.join(cfg.out_dir, "ckpt.pt")
-    landed = 0
-    for attempt in range(30):
-        resume = ["--init_from=resume"] if os.path.exists(path) else []
-        proc = subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), *cli_args(cfg), *resume],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+    leftovers = []
+    for resume in ([], ["--init_from=resume"]):
+        proc = subprocess.Popen([sys.executable, "-c", HALTING_SAVES, os.path.join(REPO, "train.py"), *cli_args(cfg),
+                                 *resume], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                                env=dict(os.environ, PYTHONUNBUFFERED="1"), start_new_session=True)
         tmp = os.path.join(cfg.out_dir, f"ckpt.pt.tmp{proc.pid}")
-        deadline = time.monotonic() + 60
-        while not (os.path.exists(path) and os.path.exists(tmp)) and proc.poll() is None \
-                and time.monotonic() < deadline:
-            os.sched_yield()  # watch for a save to begin once a checkpoint exists, leaving the cores to others
+        assert wait_for_line(proc, "holding " + tmp)  # the save is held halfway until the kill
         proc.kill()
-        proc.wait()
-        landed += os.path.exists(tmp)
-        if os.path.exists(path):
-            assert load_checkpoint(path)["iter_num"] >= 1  # the old checkpoint or the new one, never half
-        if landed == 2:
-            break
-    assert landed == 2, f"only {landed} of {attempt + 1} kills landed during a save"
-    assert len([f for f in os.listdir(cfg.out_dir) if f.startswith("ckpt.pt.tmp")]) >= 1
-    done = load_checkpoint(path)["iter_num"] + 2
-    train(dataclasses.replace(cfg, init_from="resume", max_iters=done))
+        _, err = proc.communicate()
+        assert holds_bytes(tmp), f"no save was under way when the run was killed: {err}"
+        assert load_checkpoint(path)["iter_num"] == 1  # the first save, whole: each later one was killed
+        leftovers.append(os.path.basename(tmp))
+        # what a killed run left, the next one removed
+        assert [f for f in os.listdir(cfg.out_dir) if f.startswith("ckpt.pt.tmp")] == leftovers[-1:]
+    train(dataclasses.replace(cfg, init_from="resume", max_iters=3))
     assert not [f for f in os.listdir(cfg.out_dir) if ".tmp" in f]
-    assert load_checkpoint(path)["iter_num"] == done
+    assert load_checkpoint(path)["iter_num"] == 3
 
 
 def test_signal_keeps_the_best_checkpoint_and_resumes_where_it_stopped(tiny_cfg):
     """Without always_save_checkpoint, ckpt.pt holds the best model: a signal saves the run's state in
     resume.pt instead, --init_from=resume continues from it, and an improving save retires it."""
-    cfg = dataclasses.replace(tiny_cfg, dropout=0.1, max_iters=100, lr_decay_iters=100, eval_interval=25,
+    cfg = dataclasses.replace(tiny_cfg, dropout=0.1, max_iters=ENDLESS, lr_decay_iters=100, eval_interval=25,
                               eval_iters=2, log_interval=1)
     proc = start_training(cfg)
-    assert wait_for_line(proc, "step 25:")
-    deadline = time.monotonic() + 60
-    while not os.path.exists(os.path.join(cfg.out_dir, "ckpt.pt")) and time.monotonic() < deadline:
-        os.sched_yield()  # the eval line comes just before its save
+    assert wait_for_line(proc, "step 25:")  # the eval line comes just before its save: the signal may come first
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
-    assert "saved " + os.path.join(cfg.out_dir, "resume.pt") in err
+    assert proc.returncode == 1 and "saved " + os.path.join(cfg.out_dir, "resume.pt") in err, err
     best = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))
-    assert best["iter_num"] == 25  # not replaced by the stopped run's weights
     stopped = load_checkpoint(os.path.join(cfg.out_dir, "resume.pt"))
-    assert stopped["iter_num"] >= 25 and stopped["best_val_loss"] == best["best_val_loss"]
+    # ckpt.pt is an eval's, not replaced by the stopped run's weights; resume.pt is where the run stopped
+    assert best["iter_num"] % 25 == 0 and 25 <= best["iter_num"] <= stopped["iter_num"]
+    assert stopped["best_val_loss"] == best["best_val_loss"]
+    end = max(next_eval(stopped["iter_num"], 25), 100)
+    cfg = dataclasses.replace(cfg, max_iters=end)
     resumed = dataclasses.replace(cfg, init_from="resume")
     train(resumed)
     assert not os.path.exists(os.path.join(cfg.out_dir, "resume.pt"))  # ckpt.pt saved since: it is newer
@@ -156,7 +214,8 @@ def torchrun(cfg, *extra):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              os.path.join(REPO, "train.py"), *cli_args(cfg), *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
+                            start_new_session=True)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads worker pids from /proc")
@@ -164,9 +223,12 @@ def test_torchrun_sigterm_everywhere_saves_and_resumes_on_fewer_processes(tiny_c
     """A scheduler's SIGTERM reaches torchrun (which forwards it) and every worker too: the run
     still saves once, with each process's own random state, and resumes with 2 processes or 1.
     Rotary positions and eval_iters=1 < 2 processes: one process has no eval batch (no buffer
-    broadcast may hang it); a time budget: one clock for all, or the replicas drift apart."""
+    broadcast may hang it); a time budget: one clock for all, or the replicas drift apart. The
+    budget is far longer than the run lasts until its signal, however busy the machine; the resumed
+    run is given a second more than the stopped one had used, and must end there together."""
     cfg = dataclasses.replace(tiny_cfg, dropout=0.1, pos_encoding="rope", eval_iters=1, eval_interval=5,
-                              log_interval=1, max_iters=10_000_000, max_seconds=2.5, gradient_accumulation_steps=2)
+                              log_interval=1, max_iters=ENDLESS, max_seconds=600.0, gradient_accumulation_steps=2,
+                              always_save_checkpoint=True)  # the stopped state and the end, in ckpt.pt
     proc = torchrun(cfg)
     assert wait_for_line(proc, "step 10:")
     for pid in [proc.pid] + children(proc.pid):
@@ -181,10 +243,13 @@ def test_torchrun_sigterm_everywhere_saves_and_resumes_on_fewer_processes(tiny_c
     os.makedirs(one.out_dir)
     shutil.copy(path, one.out_dir)
 
-    proc = torchrun(cfg, "--init_from=resume")  # to the end of the budget, with two processes
+    budget = stopped["train_seconds"] + 1.0
+    proc = torchrun(cfg, "--init_from=resume", f"--max_seconds={budget}")  # to the end of a budget, with two processes
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err  # includes the check that the replicas ended equal
     assert "whole val split" in out
+    ended = load_checkpoint(path)
+    assert ended["iter_num"] > stopped["iter_num"] and ended["train_seconds"] >= budget  # it used the budget
     train(dataclasses.replace(one, init_from="resume", max_seconds=0, max_iters=stopped["iter_num"] + 5))
     assert load_checkpoint(os.path.join(one.out_dir, "ckpt.pt"))["iter_num"] == stopped["iter_num"] + 5
 
@@ -196,8 +261,11 @@ def test_torchrun_error_on_rank0_stops_every_process(tiny_cfg):
     os.makedirs(os.path.join(tiny_cfg.out_dir, "ckpt.pt"))
     cfg = dataclasses.replace(tiny_cfg, max_iters=20, eval_interval=10, gradient_accumulation_steps=2)
     proc = torchrun(cfg)
-    t0 = time.perf_counter()
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode != 0 and time.perf_counter() - t0 < 60
+    try:
+        _, err = proc.communicate(timeout=300)  # far more than it takes, even on a busy machine
+    except subprocess.TimeoutExpired:
+        kill_all(proc)
+        pytest.fail(f"a process waited for rank 0 after its failed save: {proc.communicate()[1]}")
+    assert proc.returncode != 0
     assert "error: could not write" in err and "the previous checkpoint is untouched" in err, err
     assert "error: stopped because rank 0 failed" in err, err  # the other process's own line

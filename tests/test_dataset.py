@@ -1,0 +1,79 @@
+"""dataset.py: the token files, their checks, and the batches read from them."""
+import dataclasses
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+import device
+from configurator import UserError
+from dataset import TrainBatches
+from helpers import TINY_TEXT
+from prepare_shakespeare import prepare
+from tokenizer import CharTokenizer
+from train import train
+
+
+def test_train_batches_are_windows_of_the_file(tmp_path):
+    data = np.arange(1000, dtype=np.uint16)
+    path = tmp_path / "tokens.bin"
+    data.tofile(path)
+    batches = TrainBatches(str(path), 16, 32, 1, np.random.default_rng(0), "cpu")
+    for _ in range(20):
+        (x, y), = batches.next_step()
+        assert x.shape == y.shape == (16, 32) and x.dtype == torch.long
+        assert torch.equal(x[:, 1:], y[:, :-1])  # y is x shifted by one
+        assert torch.equal(y - x, torch.ones_like(x))  # consecutive tokens of the file
+        assert x.min() >= 0 and y.max() <= 999  # every window inside the data
+    # windows start anywhere, including the very last possible start
+    wide = TrainBatches(str(path), 64, 32, 1, np.random.default_rng(0), "cpu")
+    starts = np.concatenate([next(wide.next_step())[0][:, 0].numpy() for _ in range(200)])
+    assert starts.min() == 0 and starts.max() == 1000 - 33
+
+
+def test_processes_share_out_the_global_batch(tmp_path):
+    """Two processes with 2 micro-steps each read, between them, the 4 micro-batches one process
+    with 4 micro-steps reads, and their generators stay in step."""
+    path = tmp_path / "tokens.bin"
+    np.arange(1000, dtype=np.uint16).tofile(path)
+    one = TrainBatches(str(path), 3, 8, 4, np.random.default_rng(5), "cpu")
+    two = [TrainBatches(str(path), 3, 8, 2, np.random.default_rng(5), "cpu", device.Processes(rank, rank, 2))
+           for rank in (0, 1)]
+    for _ in range(3):
+        alone = [x for x, _ in one.next_step()]
+        shared = [x for b in two for x, _ in b.next_step()]
+        assert all(torch.equal(a, b) for a, b in zip(alone, shared, strict=True))
+    assert two[0].rng.bit_generator.state == two[1].rng.bit_generator.state == one.rng.bit_generator.state
+
+
+def test_train_batches_refuse_a_file_shorter_than_a_block(tmp_path):
+    path = tmp_path / "tokens.bin"
+    np.arange(10, dtype=np.uint16).tofile(path)
+    with pytest.raises(UserError, match="block_size"):
+        TrainBatches(str(path), 2, 10, 1, np.random.default_rng(0), "cpu")
+
+
+def test_missing_shakespeare_is_prepared_automatically(tiny_cfg, tmp_path, monkeypatch, capsys):
+    import dataset
+    calls = []
+
+    def fake_prepare_dataset(dataset, data_dir):  # stands in for the download, which needs the network
+        calls.append((dataset, data_dir))
+        prepare(TINY_TEXT, os.path.join(data_dir, dataset))
+
+    monkeypatch.setattr(dataset, "prepare_dataset", fake_prepare_dataset)
+    cfg = dataclasses.replace(tiny_cfg, dataset="shakespeare_char", data_dir=str(tmp_path / "fresh"), max_iters=5)
+    train(cfg)
+    assert calls == [("shakespeare_char", str(tmp_path / "fresh"))]
+    assert "is not prepared yet: preparing Tiny Shakespeare now" in capsys.readouterr().out
+
+
+def test_dataset_files_that_do_not_belong_together_are_refused(tiny_cfg, tiny_data):
+    meta = os.path.join(tiny_data, "tiny", "meta.pkl")
+    with open(meta, "wb") as f:
+        pickle.dump(CharTokenizer.from_text("abc").meta(), f)  # a smaller vocabulary than the tokens use
+    with pytest.raises(UserError, match="does not belong with .*meta.pkl"):
+        train(tiny_cfg)
+    assert not os.path.exists(tiny_cfg.out_dir)
