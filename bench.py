@@ -30,7 +30,7 @@ from device import (DeviceSettings, autocast_context, describe_dtype, matmul_pea
 from model import GPT, GPTConfig
 from muon import torch_optimizers
 from speedups import PackedLinear, speed_up_sampling, speed_up_training
-from dataset import TrainBatches
+from dataset import TokenFile, TrainBatches
 from train import train_step
 
 
@@ -115,7 +115,7 @@ class Variant:
         self.step_model = torch.compile(self.model) if use_compile(cfg.compile, device) else self.model
         self.scaler = torch.amp.GradScaler(self.device_type, enabled=(dtype == "float16"))
         self.ctx = autocast_context(device, dtype)
-        self.batches = TrainBatches(data_path, cfg.batch_size, cfg.block_size, 1, np.random.default_rng(cfg.seed), device)
+        self.batches = TrainBatches(TokenFile(data_path), cfg.batch_size, cfg.block_size, 1, np.random.default_rng(cfg.seed), device)
         self.step_times, self.sample_rates, self.batch_times = [], [], []
         self.peak_mb = 0.0
         self.packed = False  # whether sampling ran on packed weights (pack_linears)

@@ -5,6 +5,7 @@ best_val_loss, config), plus the vocabulary, the random state and the time spent
 run continues exactly.
 """
 
+import errno
 import glob
 import os
 import sys
@@ -43,7 +44,10 @@ def save_checkpoint(checkpoint, path):
     try:
         write_atomic(path, lambda f: torch.save(checkpoint, f))
     except OSError as e:
-        raise CheckpointError(f"could not write {path}: {e.strerror}; the previous checkpoint is untouched") from e
+        if e.errno == errno.ENOSPC:
+            raise CheckpointError(f"could not write {path}: no space left on device; free some space, or resume into "
+                                  f"another disk (copy the out_dir there); the previous checkpoint is untouched") from e
+        raise CheckpointError(f"could not write {path}: {e.strerror or e}; the previous checkpoint is untouched") from e
     stopped = os.path.join(os.path.dirname(path), RESUME_NAME)
     if os.path.basename(path) == CKPT_NAME and os.path.exists(stopped):
         os.remove(stopped)  # ckpt.pt is now newer than a stopped run's state: resume continues from it

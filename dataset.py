@@ -1,7 +1,8 @@
 """
-The dataset a run trains on: data_dir/dataset holds train.bin and val.bin (token ids as uint16, as
-nanoGPT's) and meta.pkl (the tokenizer), made by prepare_shakespeare.py. Batches are random windows
-of block_size + 1 tokens, read through a memory map, so a text larger than memory trains as well.
+The dataset a run trains on: data_dir/dataset holds train.bin, val.bin and maybe test.bin (token ids
+as uint16, as nanoGPT's, or uint32 where meta.pkl says so) and meta.pkl (the tokenizer), made by
+prepare_shakespeare.py. Batches are random windows of block_size + 1 tokens, read through a memory
+map, so a text larger than memory trains as well.
 """
 
 import os
@@ -11,40 +12,63 @@ import torch
 
 from configurator import ConfigError, UserError
 from device import Processes, on_rank0
-from prepare_shakespeare import DEFAULT_DATASET, prepare_dataset
+from prepare_shakespeare import BENCHMARKS, DEFAULT_DATASET, prepare_dataset
 from tokenizer import bits_per_char, load_tokenizer, read_meta
 
-TOKEN_DTYPE = np.uint16
 
+class TokenFile:
+    """A split's token ids on disk, a flat array of dtype (uint16, or uint32 for a larger vocabulary)."""
 
-def token_count(path):
-    return os.path.getsize(path) // np.dtype(TOKEN_DTYPE).itemsize
+    def __init__(self, path, dtype=np.uint16):
+        self.path, self.dtype = path, np.dtype(dtype)
+
+    def __len__(self):
+        return os.path.getsize(self.path) // self.dtype.itemsize
+
+    def windows(self, starts, block_size, device):
+        """Inputs x (B, T) and targets y (B, T) from the windows of block_size + 1 tokens at `starts`;
+        y is x shifted left by one: each position predicts the next token."""
+        # A fresh memmap per batch keeps memory flat: pages read are not pinned to the process.
+        data = np.memmap(self.path, dtype=self.dtype, mode="r")
+        windows = torch.from_numpy(data[starts[:, None] + np.arange(block_size + 1)].astype(np.int64))  # one gather
+        if torch.device(device).type == "cuda":
+            windows = windows.pin_memory().to(device, non_blocking=True)
+        else:
+            windows = windows.to(device)
+        return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
 
 
 def dataset_dir(cfg):
     return os.path.join(cfg.data_dir, cfg.dataset)
 
 
-def split_path(cfg, split):
-    """The token file of a split ('train' or 'val')."""
-    return os.path.join(dataset_dir(cfg), f"{split}.bin")
+def token_dtype(meta):
+    """The token files' dtype that a meta.pkl names; nanoGPT's (which name none) are uint16."""
+    return np.dtype(meta.get("dtype", "uint16"))
 
 
-def check_longer_than_a_block(path, block_size):
-    if token_count(path) <= block_size:
-        raise ConfigError(f"block_size={block_size} is not smaller than {path} ({token_count(path)} tokens); "
+def split_file(cfg, split):
+    """The token file of a split ('train', 'val' or 'test')."""
+    meta = read_meta(os.path.join(dataset_dir(cfg), "meta.pkl"))
+    return TokenFile(os.path.join(dataset_dir(cfg), f"{split}.bin"), token_dtype(meta))
+
+
+def check_longer_than_a_block(tokens, block_size):
+    if len(tokens) <= block_size:
+        raise ConfigError(f"block_size={block_size} is not smaller than {tokens.path} ({len(tokens)} tokens); "
                           f"use a smaller --block_size or a longer text")
 
 
 def ensure_prepared(cfg):
-    """Prepare Tiny Shakespeare if it is missing; other datasets are prepared by hand."""
+    """Prepare Tiny Shakespeare or a benchmark (enwik8, text8) if it is missing: they are downloads;
+    other datasets are prepared by hand."""
     ddir = dataset_dir(cfg)
     if all(os.path.exists(os.path.join(ddir, name)) for name in ("train.bin", "val.bin", "meta.pkl")):
         return
-    if cfg.dataset != DEFAULT_DATASET:
+    if cfg.dataset != DEFAULT_DATASET and cfg.dataset not in BENCHMARKS:
         raise UserError(f"dataset '{cfg.dataset}' is not prepared ({ddir} lacks train.bin, val.bin or meta.pkl); "
                         f"run: python prepare_shakespeare.py --input YOUR_TEXT.txt --dataset {cfg.dataset}")
-    print(f"{ddir} is not prepared yet: preparing Tiny Shakespeare now")
+    print(f"{ddir} is not prepared yet: preparing {'Tiny Shakespeare' if cfg.dataset == DEFAULT_DATASET else cfg.dataset} now")
     prepare_dataset(cfg.dataset, data_dir=cfg.data_dir)
 
 
@@ -52,15 +76,17 @@ def load_dataset(cfg, procs=Processes(), device="cpu"):
     """The dataset's tokenizer, once rank 0 has prepared the dataset if needed; its files are checked."""
     on_rank0(lambda: ensure_prepared(cfg), procs, device)
     tok = load_tokenizer(os.path.join(dataset_dir(cfg), "meta.pkl"))
-    itemsize = np.dtype(TOKEN_DTYPE).itemsize
-    for split in ("train", "val"):
-        path = split_path(cfg, split)
-        size = os.path.getsize(path)
-        if size % itemsize or (size and int(np.memmap(path, dtype=TOKEN_DTYPE, mode="r").max()) >= tok.vocab_size):
-            raise UserError(f"{path} does not belong with {dataset_dir(cfg)}/meta.pkl (token ids beyond its "
+    for split in ("train", "val", "test"):
+        tokens = split_file(cfg, split)
+        if split == "test" and not os.path.exists(tokens.path):
+            continue
+        size = os.path.getsize(tokens.path)
+        if size % tokens.dtype.itemsize or (size and int(np.memmap(tokens.path, dtype=tokens.dtype, mode="r").max())
+                                            >= tok.vocab_size):
+            raise UserError(f"{tokens.path} does not belong with {dataset_dir(cfg)}/meta.pkl (token ids beyond its "
                             f"{tok.vocab_size} tokens, or a truncated file); prepare the dataset again with "
                             f"prepare_shakespeare.py")
-        check_longer_than_a_block(path, cfg.block_size)
+        check_longer_than_a_block(tokens, cfg.block_size)
     return tok
 
 
@@ -69,23 +95,12 @@ def bits_per_char_scales(cfg):
     that character and BPE models compare on one scale (tokenizer.bits_per_char)."""
     chars = read_meta(os.path.join(dataset_dir(cfg), "meta.pkl")).get("chars", {})
     scales = {}
-    for split in ("train", "val"):
-        tokens = token_count(split_path(cfg, split))
-        scales[split] = bits_per_char(1.0, tokens, chars.get(split, tokens))  # nanoGPT's: a token per character
+    for split in ("train", "val", "test"):
+        tokens = split_file(cfg, split)
+        if os.path.exists(tokens.path):
+            n = len(tokens)
+            scales[split] = bits_per_char(1.0, n, chars.get(split, n))  # nanoGPT's: a token per character
     return scales
-
-
-def read_windows(path, starts, block_size, device):
-    """Inputs x (B, T) and targets y (B, T) from the windows of block_size + 1 tokens at `starts`;
-    y is x shifted left by one: each position predicts the next token."""
-    # A fresh memmap per batch keeps memory flat: pages read are not pinned to the process.
-    data = np.memmap(path, dtype=TOKEN_DTYPE, mode="r")
-    windows = torch.from_numpy(data[starts[:, None] + np.arange(block_size + 1)].astype(np.int64))  # one gather
-    if torch.device(device).type == "cuda":
-        windows = windows.pin_memory().to(device, non_blocking=True)
-    else:
-        windows = windows.to(device)
-    return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
 
 
 class TrainBatches:
@@ -93,14 +108,14 @@ class TrainBatches:
     whole global batch from the same generator and reads its own share, so N processes train on
     exactly the batches one process would, and the generator's state is the same everywhere."""
 
-    def __init__(self, path, batch_size, block_size, micro_steps, rng, device, procs=Processes()):
-        self.path, self.batch_size, self.block_size, self.micro_steps = path, batch_size, block_size, micro_steps
+    def __init__(self, tokens, batch_size, block_size, micro_steps, rng, device, procs=Processes()):
+        self.tokens, self.batch_size, self.block_size, self.micro_steps = tokens, batch_size, block_size, micro_steps
         self.rng, self.device, self.procs = rng, device, procs
-        check_longer_than_a_block(path, block_size)
-        self.n_tokens = token_count(path)
+        check_longer_than_a_block(tokens, block_size)
+        self.n_tokens = len(tokens)
 
     def next_step(self):
         """This process's micro-batches (x, y) for the next step, read as they are needed."""
         n, rank = self.micro_steps, self.procs.rank
         starts = self.rng.integers(0, self.n_tokens - self.block_size, size=(self.procs.world_size * n, self.batch_size))
-        return (read_windows(self.path, s, self.block_size, self.device) for s in starts[rank * n:(rank + 1) * n])
+        return (self.tokens.windows(s, self.block_size, self.device) for s in starts[rank * n:(rank + 1) * n])

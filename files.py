@@ -19,11 +19,17 @@ from device import any_process
 
 def write_atomic(path, write):
     """Call write(f) on a temporary file beside path (a name no other process uses), flush it to disk,
-    then rename it over path."""
+    then rename it over path. A write that failed because the disk did (full, say) raises that
+    OSError, also where the writer reported it as another error (torch.save: a RuntimeError)."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
-            write(f)
+            try:
+                write(f)
+            except RuntimeError as e:
+                if isinstance(e.__cause__ or e.__context__, OSError):
+                    raise (e.__cause__ or e.__context__) from None
+                raise
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -1,32 +1,62 @@
 """
-Prepare a dataset: Tiny Shakespeare by default, or any UTF-8 text with --input.
+Prepare a dataset: Tiny Shakespeare by default, enwik8 or text8, or your own text of any size.
 
     python prepare_shakespeare.py                       # download Tiny Shakespeare
-    python prepare_shakespeare.py --input my.txt --dataset my_text
+    python prepare_shakespeare.py --dataset=enwik8      # or text8: the character-level benchmarks
+    python prepare_shakespeare.py --input my.txt --dataset my_text      # a file, or a folder of them
 
-writes data/<dataset>/{input.txt, train.bin, val.bin, meta.pkl}: the first 90% of the characters
-are train, the rest val, as uint16 token ids; meta.pkl holds vocab_size, stoi and itos as nanoGPT's.
+writes data/<dataset>/{train.bin, val.bin, meta.pkl} (and test.bin with --test_fraction): the first
+90% of the characters are train, the last test_fraction test, the rest val, as uint16 token ids
+(uint32 where the vocabulary needs it); meta.pkl holds vocab_size, stoi and itos as nanoGPT's.
 --tokenizer=bpe --vocab_size=N learns a byte-level BPE on the train split instead (tokenizer.py).
+A corpus larger than memory prepares in bounded memory, on every core (corpus.py).
 """
 
 import argparse
+import errno
 import hashlib
 import os
 import pickle
 import shutil
+import tempfile
+import zipfile
+from dataclasses import dataclass
 
 import numpy as np
 import requests
 from tqdm import tqdm
 
 from configurator import ConfigError, UserError, check, run_main
+from corpus import corpus_files, count_characters, encode_splits, learn_bpe, text_chunks
 from files import dead_leftovers, remove_leftovers, signals_deferred, write_atomic
-from tokenizer import BPETokenizer, CharTokenizer, load_tokenizer
+from tokenizer import BPETokenizer, CharTokenizer, TokenizerError, load_tokenizer
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 DEFAULT_DATASET = "shakespeare_char"
 TRAIN_FRACTION = 0.9
+BPE_SAMPLE_MB = 100  # a BPE's merges are learnt on this much of the train split at most
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """A standard character-level benchmark (mattmahoney.net/dc/textdata.html): a zip holding one
+    file of 10^8 bytes, split as the papers split it: 90M train, 5M val, 5M test."""
+    url: str
+    member: str  # the file in the zip
+    size: int
+    md5: str | None  # the unzipped file's, as published; None where none is published
+    alphabet: str | None  # where no checksum is published: the only characters the file may hold
+    as_bytes: bool  # modelled as bytes (a vocabulary of 256), as the papers count enwik8's "characters"
+    test_fraction: float = 0.05
+
+
+BENCHMARKS = {
+    "enwik8": Benchmark("http://mattmahoney.net/dc/enwik8.zip", "enwik8", 100_000_000,
+                        "a1fa5ffddb56f4953e226637dabbb36a", None, as_bytes=True),
+    "text8": Benchmark("http://mattmahoney.net/dc/text8.zip", "text8", 100_000_000,
+                       None, "abcdefghijklmnopqrstuvwxyz ", as_bytes=False),
+}
 
 
 class DatasetError(UserError):
@@ -39,13 +69,22 @@ def check_dataset_name(key, name, data_dir_key="data_dir"):
     check(ok, key, name, f"the name of a folder under {data_dir_key}")
 
 
-def sha256_of(path):
-    h = hashlib.sha256()
+def file_digest(path, algorithm="sha256"):
+    h = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
 
+
+def write_failed(path, error, what_to_do):
+    """One line for a file that could not be written, naming the reason (a full disk included)."""
+    reason = "no space left on device" if error.errno == errno.ENOSPC else (error.strerror or str(error))
+    hint = "; free some space, or use another --data_dir" if error.errno == errno.ENOSPC else ""
+    return DatasetError(f"could not write {path}: {reason}{hint}; {what_to_do}")
+
+
+# Downloads
 
 def download(url, path, sha256=None, timeout=30):
     """Download url to path (write_atomic), verifying the SHA-256 as the bytes arrive: path appears
@@ -69,26 +108,180 @@ def download(url, path, sha256=None, timeout=30):
         write_atomic(path, fetch)
     except requests.RequestException as e:
         reason = f"HTTP {e.response.status_code}" if e.response is not None else type(e).__name__
-        raise DatasetError(f"could not download {url} ({reason}); check your connection, "
-                           f"or pass --input with a local copy of the text") from e
-
-
-def read_text(path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except FileNotFoundError:
-        raise DatasetError(f"input text '{path}' not found") from None
-    except IsADirectoryError:
-        raise DatasetError(f"input text '{path}' is a folder; give a text file") from None
+        raise DatasetError(f"could not download {url} ({reason}); check your connection, or download it by "
+                           f"hand and put it at {path}") from e
     except OSError as e:
-        raise DatasetError(f"can't read the input text '{path}': {e.strerror}") from None
-    except UnicodeDecodeError as e:
-        raise DatasetError(f"'{path}' is not UTF-8 text ({e.reason} at byte {e.start}); "
-                           f"convert it, e.g. with iconv -t UTF-8") from None
-    if not text:
-        raise DatasetError(f"'{path}' is empty; give a text to train on")
-    return text
+        raise write_failed(path, e, "nothing was downloaded") from None
+
+
+def fetch_shakespeare(folder, url=SHAKESPEARE_URL, sha256=SHAKESPEARE_SHA256):
+    """folder/input.txt, downloaded unless a verified copy is there; returns its path."""
+    path = os.path.join(folder, "input.txt")
+    if os.path.exists(path):
+        if sha256 and file_digest(path) != sha256:
+            raise DatasetError(f"{path} exists but is not the expected text (SHA-256 differs); "
+                               f"move it away to download again, or pass --input {path}")
+        print(f"{path} is already there, skipping download")
+    else:
+        os.makedirs(folder, exist_ok=True)
+        download(url, path, sha256)
+    return path
+
+
+def fetch_benchmark(folder, bench, url=None):
+    """folder/<member>: downloaded as folder/<zip> (unless there, e.g. put there by hand), unzipped
+    and checked against its published size and checksum (or alphabet); returns its path."""
+    url = url or bench.url
+    zip_path = os.path.join(folder, os.path.basename(url))
+    path = os.path.join(folder, bench.member)
+    if not os.path.exists(path):
+        os.makedirs(folder, exist_ok=True)
+        if not os.path.exists(zip_path):
+            download(url, zip_path)
+        try:
+            with zipfile.ZipFile(zip_path) as z, z.open(bench.member) as src:
+                write_atomic(path, lambda f: shutil.copyfileobj(src, f, 1 << 20))
+        except (zipfile.BadZipFile, KeyError) as e:
+            raise DatasetError(f"{zip_path} is not the {bench.member} zip ({type(e).__name__}: {e}); delete it "
+                               f"to download it again") from None
+        except OSError as e:
+            raise write_failed(path, e, "nothing was unzipped") from None
+    check_benchmark_file(path, bench)
+    return path
+
+
+def check_benchmark_file(path, bench):
+    size = os.path.getsize(path)
+    wrong = size != bench.size
+    if not wrong and bench.md5:
+        wrong = file_digest(path, "md5") != bench.md5
+    elif not wrong and bench.alphabet:
+        allowed = np.zeros(256, dtype=bool)
+        allowed[np.frombuffer(bench.alphabet.encode("ascii"), dtype=np.uint8)] = True
+        wrong = not allowed[np.memmap(path, dtype=np.uint8, mode="r")].all()
+    if wrong:
+        published = f"MD5 {bench.md5}" if bench.md5 else f"only the characters {bench.alphabet!r}"
+        raise DatasetError(f"{path} is not {bench.member} ({size:,} bytes; the published file has {bench.size:,} "
+                           f"bytes and {published}); delete it and its zip to download them again")
+
+
+# Preparing token files from a corpus
+
+DATASET_FILES = ("train.bin", "val.bin", "test.bin", "meta.pkl", "input.txt")  # what prepare writes
+
+
+def split_bounds(n, test_fraction):
+    """The splits of n units (characters, or bytes): [(name, first, end)], train first, test last."""
+    train_end, test_start = int(n * TRAIN_FRACTION), n - int(n * test_fraction)
+    if train_end == 0 or train_end >= test_start:
+        raise DatasetError(f"the text has only {n} characters, too few to split into train, val and test"
+                           if test_fraction else f"the text has only {n} characters, too few to split into "
+                                                 f"train and val")
+    bounds = [("train", 0, train_end), ("val", train_end, test_start)]
+    return bounds + [("test", test_start, n)] if test_start < n else bounds
+
+
+def choose_tokenizer(tok, tokenizer, vocab_size, counted, chunks, per_chunk, train_end, as_bytes, sample_mb):
+    """The tokenizer to encode with: tok where given (--vocab_from; its characters must cover the
+    text's), bytes for a corpus modelled as bytes, else one made for this text: its characters, or
+    a BPE learnt on (a sample of) its train split."""
+    if tok is not None:
+        if tok.kind == "char" and counted is not None:
+            unknown = sorted(set(map(chr, counted.code_points.tolist())) - tok.stoi.keys())
+            if unknown:
+                raise TokenizerError(f"characters not in the vocabulary: {''.join(unknown)!r}; "
+                                     f"use only characters of the training text")
+        return tok
+    if as_bytes:
+        return BPETokenizer([])  # the 256 bytes, no merges
+    if tokenizer == "bpe":
+        print(f"learning a BPE of {vocab_size} tokens from the train split ({sample_mb:,} MB of it at most)")
+        return learn_bpe(chunks, per_chunk, train_end, vocab_size, sample_mb * 1_000_000)
+    return CharTokenizer([chr(c) for c in counted.code_points.tolist()])
+
+
+def prepare_corpus(files, out_dir, tok=None, tokenizer="char", vocab_size=1024, test_fraction=0.0,
+                   as_bytes=False, input_copy=None, sample_mb=BPE_SAMPLE_MB):
+    """Tokenize the corpus in files (read in order as one text) into out_dir: train.bin, val.bin,
+    test.bin (if test_fraction > 0) and meta.pkl, plus input.txt, a link to or copy of the file
+    input_copy. Returns the tokenizer.
+
+    The files are written into a new folder beside out_dir that then takes its place, so that a
+    reader sees the old set or the new one, never a mix, even if this process is killed midway.
+    Other files in out_dir (its README.md, a user's notes) are carried into the new folder first."""
+    chunks = text_chunks(files)
+    counted = None
+    if as_bytes:
+        per_chunk = [c.end - c.start for c in chunks]
+    else:
+        counted = count_characters(chunks)
+        per_chunk = counted.per_chunk
+    bounds = split_bounds(sum(per_chunk), test_fraction)
+    tok = choose_tokenizer(tok, tokenizer, vocab_size, counted, chunks, per_chunk, bounds[0][2], as_bytes, sample_mb)
+    dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
+    meta = {**tok.meta(), "dtype": np.dtype(dtype).name,
+            "chars": {name: end - start for name, start, end in bounds}}  # for bits per character
+    parent, name = os.path.split(os.path.abspath(out_dir))
+    staging = os.path.join(parent, f".{name}.tmp{os.getpid()}")
+    old = staging + ".old"
+    writing = f"the dataset {out_dir}"  # what an error names: what is being written, where it will be
+    try:
+        os.makedirs(parent, exist_ok=True)
+        restore_interrupted_swap(parent, name)
+        remove_leftovers(parent, f".{name}.")
+        os.makedirs(staging)
+        splits = {split: open(os.path.join(staging, f"{split}.bin"), "wb") for split, _, _ in bounds}
+        try:
+            encode_splits(chunks, per_chunk, bounds, tok, splits, dtype, as_bytes)
+        finally:
+            for f in splits.values():
+                f.close()
+        writing = os.path.join(out_dir, "meta.pkl")
+        with open(os.path.join(staging, "meta.pkl"), "wb") as f:
+            pickle.dump(meta, f)
+        if input_copy is not None:
+            writing = os.path.join(out_dir, "input.txt")
+            link_or_copy(input_copy, os.path.join(staging, "input.txt"))
+        writing = f"the dataset {out_dir}"
+        if os.path.exists(out_dir):
+            for entry in os.listdir(out_dir):
+                if entry not in DATASET_FILES:
+                    link_or_copy(os.path.join(out_dir, entry), os.path.join(staging, entry))
+        with signals_deferred():  # Ctrl-C or SIGTERM between the two renames would leave neither set
+            if os.path.exists(out_dir):
+                os.rename(out_dir, old)
+            os.rename(staging, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        raise write_failed(writing, e, f"nothing in {out_dir} was changed") from None
+    finally:
+        if os.path.exists(old) and not os.path.exists(out_dir):
+            os.rename(old, out_dir)  # the new set did not take its place: the old one stays
+        for leftover in (staging, old):
+            shutil.rmtree(leftover, ignore_errors=True)
+    return tok
+
+
+def link_or_copy(src, dst):
+    """dst as a hard link to src where the filesystem allows (a large corpus is not copied), else a copy."""
+    if os.path.isdir(src) and not os.path.islink(src):
+        shutil.copytree(src, dst, symlinks=True, copy_function=link_or_copy)
+        return
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except OSError:
+        shutil.copy2(src, dst, follow_symlinks=False)
+
+
+def prepare(text, out_dir, tok=None, source=None, tokenizer="char", vocab_size=1024, test_fraction=0.0):
+    """prepare_corpus for a text in memory (its input.txt is the file `source`, or the text)."""
+    if source is not None:
+        return prepare_corpus([source], out_dir, tok, tokenizer, vocab_size, test_fraction, input_copy=source)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "input.txt")
+        with open(path, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+        return prepare_corpus([path], out_dir, tok, tokenizer, vocab_size, test_fraction, input_copy=path)
 
 
 def restore_interrupted_swap(folder, name):
@@ -100,109 +293,48 @@ def restore_interrupted_swap(folder, name):
         os.rename(os.path.join(folder, old_sets[0]), target)
 
 
-DATASET_FILES = ("train.bin", "val.bin", "meta.pkl", "input.txt")  # what prepare writes
-
-
-def copy_entry(src, dst):
-    if os.path.isdir(src) and not os.path.islink(src):
-        shutil.copytree(src, dst, symlinks=True)
-    else:
-        shutil.copy2(src, dst, follow_symlinks=False)
-
-
-def make_tokenizer(kind, train_text, text, vocab_size):
-    """A tokenizer of the kind asked for: characters (those of the whole text), or a byte-level BPE
-    of vocab_size learnt on the train split only."""
-    if kind == "bpe":
-        print(f"learning a BPE of {vocab_size} tokens from {len(train_text):,} characters")
-        return BPETokenizer.train(train_text, vocab_size)
-    return CharTokenizer.from_text(text)
-
-
-def prepare(text, out_dir, tok=None, source=None, tokenizer="char", vocab_size=1024):
-    """Tokenize text (with tok, or a tokenizer of the kind `tokenizer` made for it) and write train.bin,
-    val.bin, meta.pkl and input.txt (a copy of the file `source`, or text) into out_dir; return the
-    tokenizer. The first 90% of the characters are train, the rest val, each encoded on its own.
-
-    The four files are written into a new folder beside out_dir that then takes its place, so that a
-    reader sees the old set or the new one, never a mix, even if this process is killed midway. Other
-    files in out_dir (its README.md, a user's notes) are copied into the new folder first."""
-    n = len(text)
-    split = int(n * TRAIN_FRACTION)
-    if split == 0 or split == n:
-        raise DatasetError(f"the text has only {n} characters, too few to split into train and val")
-    tok = tok or make_tokenizer(tokenizer, text[:split], text, vocab_size)
-    if tok.vocab_size > np.iinfo(np.uint16).max + 1:
-        raise DatasetError(f"the text has {tok.vocab_size} distinct characters; uint16 token files hold at most 65536")
-    ids = {name: np.array(tok.encode(part), dtype=np.uint16) for name, part in (("train", text[:split]),
-                                                                                 ("val", text[split:]))}
-    meta = {**tok.meta(), "chars": {"train": split, "val": n - split}}  # for bits per character
-    parent, name = os.path.split(os.path.abspath(out_dir))
-    staging = os.path.join(parent, f".{name}.tmp{os.getpid()}")
-    old = staging + ".old"
-    try:
-        os.makedirs(parent, exist_ok=True)
-        restore_interrupted_swap(parent, name)
-        remove_leftovers(parent, f".{name}.")
-        os.makedirs(staging)
-        for name, part in ids.items():
-            part.tofile(os.path.join(staging, f"{name}.bin"))
-        with open(os.path.join(staging, "meta.pkl"), "wb") as f:
-            pickle.dump(meta, f)
-        if source is not None:
-            shutil.copyfile(source, os.path.join(staging, "input.txt"))
-        else:
-            with open(os.path.join(staging, "input.txt"), "w", encoding="utf-8", newline="") as f:
-                f.write(text)
-        if os.path.exists(out_dir):
-            for entry in os.listdir(out_dir):
-                if entry not in DATASET_FILES:
-                    copy_entry(os.path.join(out_dir, entry), os.path.join(staging, entry))
-        with signals_deferred():  # Ctrl-C or SIGTERM between the two renames would leave neither set
-            if os.path.exists(out_dir):
-                os.rename(out_dir, old)
-            os.rename(staging, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-    except OSError as e:
-        raise DatasetError(f"could not write the dataset to {out_dir}: {e.strerror}; nothing there was changed") from None
-    finally:
-        if os.path.exists(old) and not os.path.exists(out_dir):
-            os.rename(old, out_dir)  # the new set did not take its place: the old one stays
-        for leftover in (staging, old):
-            shutil.rmtree(leftover, ignore_errors=True)
-    return tok
-
-
-def prepare_dataset(dataset=DEFAULT_DATASET, input_path=None, url=SHAKESPEARE_URL,
-                    sha256=SHAKESPEARE_SHA256, data_dir="data", vocab_from=None, tokenizer="char", vocab_size=1024):
-    """Fetch (or copy) the text into data_dir/dataset/input.txt and prepare it; return the tokenizer.
-    vocab_from names a prepared dataset whose tokenizer to use (to fine-tune a model trained on it)."""
+def prepare_dataset(dataset=DEFAULT_DATASET, input_path=None, url=None, sha256=SHAKESPEARE_SHA256,
+                    data_dir="data", vocab_from=None, tokenizer="char", vocab_size=1024, test_fraction=None,
+                    sample_mb=BPE_SAMPLE_MB):
+    """Prepare data_dir/dataset from input_path (a file or a folder), from the benchmark the dataset
+    names (enwik8, text8), or from Tiny Shakespeare, downloaded (url, sha256) unless already there.
+    vocab_from names a prepared dataset whose tokenizer to use (to fine-tune a model trained on it).
+    Returns the tokenizer."""
     out_dir = os.path.join(data_dir, dataset)
-    text_path = os.path.join(out_dir, "input.txt")
-    restore_interrupted_swap(*os.path.split(os.path.abspath(out_dir)))  # its input.txt spares a download
+    restore_interrupted_swap(*os.path.split(os.path.abspath(out_dir)))  # its files spare a download
     tok = None
     if vocab_from is not None:
         meta = os.path.join(data_dir, vocab_from, "meta.pkl")
         if not os.path.exists(meta):
             raise DatasetError(f"--vocab_from {vocab_from}: {meta} not found; prepare that dataset first")
         tok = load_tokenizer(meta)
-    if input_path is not None:
-        text = read_text(input_path)
+    bench = BENCHMARKS.get(dataset) if input_path is None else None
+    if bench is not None:
+        if tokenizer != "char" or vocab_from is not None:
+            raise ConfigError(f"{dataset} is prepared as the papers do ({'bytes' if bench.as_bytes else 'characters'});"
+                              f" for another tokenizer, prepare its text with --input")
+        files, input_copy = [fetch_benchmark(out_dir, bench, url)], None
+        test_fraction = bench.test_fraction if test_fraction is None else test_fraction
+    elif input_path is not None:
+        files = corpus_files(input_path)
+        input_copy = input_path if os.path.isfile(input_path) else None
     else:
-        if os.path.exists(text_path):
-            if sha256 and sha256_of(text_path) != sha256:
-                raise DatasetError(f"{text_path} exists but is not the expected text (SHA-256 differs); "
-                                   f"move it away to download again, or pass --input {text_path}")
-            print(f"{text_path} is already there, skipping download")
-        else:
-            os.makedirs(out_dir, exist_ok=True)
-            download(url, text_path, sha256)
-        text = read_text(text_path)
-    tok = prepare(text, out_dir, tok, input_path or text_path, tokenizer, vocab_size)  # checks before writing
-    tokens = {split: os.path.getsize(os.path.join(out_dir, f"{split}.bin")) // 2 for split in ("train", "val")}
-    print(f"{out_dir}: {tok.kind} tokenizer, vocab size {tok.vocab_size}, {tokens['train']:,} train tokens, "
-          f"{tokens['val']:,} val tokens ({len(text) / sum(tokens.values()):.2f} characters per token)")
+        path = fetch_shakespeare(out_dir, url or SHAKESPEARE_URL, sha256)
+        files, input_copy = [path], path
+    tok = prepare_corpus(files, out_dir, tok, tokenizer, vocab_size, test_fraction or 0.0,
+                         as_bytes=bench is not None and bench.as_bytes, input_copy=input_copy, sample_mb=sample_mb)
+    meta = load_meta(out_dir)
+    tokens = {split: os.path.getsize(os.path.join(out_dir, f"{split}.bin")) // np.dtype(meta["dtype"]).itemsize
+              for split in meta["chars"]}
+    print(f"{out_dir}: {tok.kind} tokenizer, vocab size {tok.vocab_size}, "
+          + ", ".join(f"{n:,} {split} tokens" for split, n in tokens.items())
+          + f" ({sum(meta['chars'].values()) / sum(tokens.values()):.2f} characters per token)")
     return tok
+
+
+def load_meta(folder):
+    with open(os.path.join(folder, "meta.pkl"), "rb") as f:
+        return pickle.load(f)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -212,34 +344,43 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def main(argv):
     parser = ArgumentParser(description=__doc__.strip().splitlines()[0])
-    parser.add_argument("--input", help="a local UTF-8 text file to use instead of downloading")
-    parser.add_argument("--dataset", default=DEFAULT_DATASET, help="name of the folder under data/ to write")
-    parser.add_argument("--url", default=SHAKESPEARE_URL, help="where to download the text from")
+    parser.add_argument("--input", help="a local UTF-8 text file, or a folder of them, instead of a download")
+    parser.add_argument("--dataset", default=DEFAULT_DATASET,
+                        help="name of the folder under data/ to write; enwik8 and text8 download those benchmarks")
+    parser.add_argument("--url", default=None, help="where to download the text (or the benchmark's zip) from")
     parser.add_argument("--sha256", default=SHAKESPEARE_SHA256,
-                        help="expected SHA-256 of the download ('' to skip the check)")
+                        help="expected SHA-256 of Tiny Shakespeare's download ('' to skip the check)")
     parser.add_argument("--data_dir", default="data", help="folder that holds the datasets")
     parser.add_argument("--vocab_from", help="use the tokenizer of this prepared dataset (for fine-tuning)")
     parser.add_argument("--tokenizer", default="char", choices=("char", "bpe"),
                         help="char: one token per character; bpe: byte-level BPE learnt on the train split")
     parser.add_argument("--vocab_size", type=int, default=None,
-                        help="the BPE's number of tokens, 256 (the bytes alone) to 65536 (default 1024)")
+                        help="the BPE's number of tokens, from 256 (the bytes alone; default 1024)")
+    parser.add_argument("--test_fraction", type=float, default=None,
+                        help="the share of the text, at its end, kept as a test split (test.bin); 0 for your "
+                             "own text, 0.05 for enwik8 and text8 (their last 5M characters)")
+    parser.add_argument("--bpe_sample_mb", type=int, default=BPE_SAMPLE_MB,
+                        help="the BPE's merges are learnt on this many MB of the train split at most")
     args = parser.parse_args(argv)
     if args.vocab_size is not None and args.tokenizer != "bpe":
         raise ConfigError("--vocab_size is for --tokenizer=bpe (a character vocabulary is the text's characters)")
     vocab_size = 1024 if args.vocab_size is None else args.vocab_size
-    check(256 <= vocab_size <= 65536, "--vocab_size", vocab_size,
-          "from 256 (the bytes alone) to 65536 (uint16 token files)")
+    check(vocab_size >= 256, "--vocab_size", vocab_size, "at least 256 (the bytes alone)")
     if args.vocab_from is not None and (args.tokenizer != "char" or args.vocab_size is not None):
         raise ConfigError("--vocab_from takes that dataset's tokenizer: drop --tokenizer and --vocab_size")
     check_dataset_name("--dataset", args.dataset, "--data_dir")
     if args.vocab_from is not None:
         check_dataset_name("--vocab_from", args.vocab_from, "--data_dir")
     check(args.data_dir != "", "--data_dir", args.data_dir, "a folder")
-    check(args.url.startswith(("http://", "https://")), "--url", args.url, "an http:// or https:// address")
+    check(args.url is None or args.url.startswith(("http://", "https://")), "--url", args.url,
+          "an http:// or https:// address")
     check(args.sha256 == "" or (len(args.sha256) == 64 and all(c in "0123456789abcdef" for c in args.sha256.lower())),
           "--sha256", args.sha256, "64 hexadecimal digits, or '' to skip the check")
-    prepare_dataset(args.dataset, args.input, args.url, args.sha256, args.data_dir, args.vocab_from, args.tokenizer,
-                    vocab_size)
+    check(args.test_fraction is None or 0 <= args.test_fraction < 1 - TRAIN_FRACTION, "--test_fraction",
+          args.test_fraction, f"at least 0 and below {1 - TRAIN_FRACTION:.1f} (the first 90% is train)")
+    check(args.bpe_sample_mb > 0, "--bpe_sample_mb", args.bpe_sample_mb, "positive")
+    prepare_dataset(args.dataset, args.input, args.url, args.sha256, args.data_dir, args.vocab_from,
+                    args.tokenizer, vocab_size, args.test_fraction, args.bpe_sample_mb)
 
 
 if __name__ == "__main__":

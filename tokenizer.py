@@ -16,6 +16,7 @@ import pickle
 import re
 from collections import Counter
 
+import numpy as np
 from tqdm import tqdm
 
 from configurator import UserError
@@ -66,6 +67,19 @@ class CharTokenizer:
                                  f"use only characters of the training text")
         return [self.stoi[ch] for ch in text]
 
+    def encode_array(self, text):
+        """encode(text) as an int64 array, for long texts: each character's code point is looked up
+        among the vocabulary's, sorted, in one numpy call instead of a Python loop."""
+        code_points = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        if not hasattr(self, "_sorted"):
+            ours = np.array([ord(self.itos[i]) for i in range(self.vocab_size)], dtype=np.uint32)
+            order = np.argsort(ours)
+            self._sorted, self._ids = ours[order], order
+        at = np.searchsorted(self._sorted, code_points).clip(max=self.vocab_size - 1)
+        if not np.array_equal(self._sorted[at], code_points):
+            self.encode(text)  # raises, naming the characters the vocabulary lacks
+        return self._ids[at]
+
     def decode(self, ids):
         return "".join(self.itos[i] for i in ids)
 
@@ -102,11 +116,13 @@ class BPETokenizer:
 
     @classmethod
     def train(cls, text, vocab_size, progress=True):
-        """Learn vocab_size - 256 merges from text: each merge is the most frequent adjacent pair
-        (ties to the smallest pair) in the text's chunks, counted once per distinct chunk times its
-        count, and kept up to date for the chunks a merge touches only. Fewer merges if the text runs
-        out of pairs."""
-        counts = Counter(CHUNK.findall(text))
+        """Learn vocab_size - 256 merges from text (a string, or several read one after another):
+        each merge is the most frequent adjacent pair (ties to the smallest pair) in the text's
+        chunks, counted once per distinct chunk times its count, and kept up to date for the chunks a
+        merge touches only. Fewer merges if the text runs out of pairs."""
+        counts = Counter()
+        for part in [text] if isinstance(text, str) else text:
+            counts.update(m.group() for m in CHUNK.finditer(part))  # no list of every chunk: memory stays small
         words = [list(chunk.encode("utf-8")) for chunk in counts]
         freq = list(counts.values())
         pairs, where = Counter(), {}

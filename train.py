@@ -22,14 +22,15 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from checkpoint import (CKPT_NAME, RESUME_NAME, Progress, capture_rng, init_model, refuse_gpt2_weights,
-                        restore_training_state, save_checkpoint, training_checkpoint)
+from checkpoint import (CKPT_NAME, RESUME_NAME, Progress, capture_rng, init_model, load_checkpoint,
+                        model_from_checkpoint, refuse_gpt2_weights, restore_training_state, save_checkpoint,
+                        training_checkpoint)
 from configurator import ConfigError, UserError, as_config_error, check, check_choice, configure, run_main
-from dataset import TrainBatches, bits_per_char_scales, load_dataset, split_path
+from dataset import TrainBatches, bits_per_char_scales, load_dataset, split_file
 from device import (DeviceSettings, autocast_context, check_replicas_agree, describe_dtype, end_processes,
                     from_rank0, gather_from_all, matmul_peak_flops, newton_schulz_dtype, on_rank0,
                     out_of_memory_in_one_line, reuse_freed_memory, select_dtype, start_processes, use_compile)
-from evaluate import estimate_loss, evaluate_only, show_sample, whole_val_loss
+from evaluate import estimate_loss, evaluate_only, final_val_loss, show_sample
 from files import StopSignals
 from metrics import TrainingLog, plot_metrics, start_wandb
 from model import GPTConfig
@@ -48,6 +49,7 @@ class TrainConfig(GPTConfig, DeviceSettings):
     log_interval: int = 10  # log loss, lr, ms/iter and MFU every this many iterations
     eval_iters: int = 200  # batches per split in each evaluation (the same batches every time)
     eval_only: bool = False  # evaluate out_dir/ckpt.pt (or init_from's checkpoint) and exit
+    eval_split: str = "val"  # the split eval_only evaluates whole: 'val', or 'test' (prepared with --test_fraction)
     always_save_checkpoint: bool = False  # save at every eval, not only when val loss improves
     init_from: str = "scratch"  # 'scratch', 'resume' (continue out_dir's run), or a checkpoint / out_dir to fine-tune
     overwrite: bool = False  # from scratch into an out_dir that holds a trained run: replace it (else refused)
@@ -101,6 +103,7 @@ class TrainConfig(GPTConfig, DeviceSettings):
         check(self.out_dir != "", "out_dir", self.out_dir, "a folder name")
         check_dataset_name("dataset", self.dataset)
         check_choice("optimizer", self.optimizer, ("adamw", "muon"))
+        check_choice("eval_split", self.eval_split, ("val", "test"))
         check_choice("backend", self.backend, ("auto", "nccl", "gloo"))
         self.check_device_settings()
 
@@ -250,10 +253,26 @@ def report_start(model, cfg, tokens_per_iter, dtype, device, procs):
           + (f" | processes: {procs.world_size}" if procs.world_size > 1 else ""))
 
 
-def report_end(cfg, progress, paused_seconds, val_full, val_bpc, val_seconds, start_iter):
+def kept_model_loss(cfg, progress, device, ctx):
+    """Where ckpt.pt, the model sample.py uses, holds an earlier model than the last (the run kept its
+    best eval's, and trained on past it), the end-of-run val pass of that one too: (loss, its
+    iteration), or None where ckpt.pt holds the last model or none."""
+    path = os.path.join(cfg.out_dir, CKPT_NAME)
+    if not os.path.exists(path):
+        return None
+    checkpoint = load_checkpoint(path, device)
+    if checkpoint["iter_num"] == progress.iter_num:
+        return None
+    loss, _, _ = final_val_loss(model_from_checkpoint(checkpoint).to(device), cfg, device, ctx)
+    return loss, checkpoint["iter_num"]
+
+
+def report_end(cfg, progress, paused_seconds, val_full, covered, bpc, val_seconds, start_iter, kept):
     print(f"trained {progress.iter_num} iterations in {progress.train_seconds:.1f} s of training time "
           f"({paused_seconds:.1f} s more in evaluations and saves{' and samples' if cfg.sample_interval else ''}); "
-          f"val loss over the whole val split: {val_full:.4f} ({val_bpc:.4f} bits per character, in {val_seconds:.1f} s)")
+          f"val loss over {covered}: {val_full:.4f} ({val_full * bpc:.4f} bits per character, in {val_seconds:.1f} s)"
+          + (f" for the last model; {kept[0]:.4f} ({kept[0] * bpc:.4f}) for ckpt.pt, the model of iteration "
+             f"{kept[1]} that sample.py uses" if kept else ""))
     if not os.path.exists(os.path.join(cfg.out_dir, CKPT_NAME)):
         print(f"no checkpoint written: the val loss never improved on step {start_iter}'s "
               f"(--always_save_checkpoint=True keeps the last model anyway)")
@@ -295,7 +314,7 @@ def train(cfg):
         compiled = use_compile(cfg.compile, device)
         model = prepare_model(raw_model, compiled, device, procs)  # raw_model: the same weights, to save and sample
         tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
-        batches = TrainBatches(split_path(cfg, "train"), cfg.batch_size, cfg.block_size, micro_steps, data_rng,
+        batches = TrainBatches(split_file(cfg, "train"), cfg.batch_size, cfg.block_size, micro_steps, data_rng,
                                device, procs)
 
         def save(path, val_loss=None):
@@ -335,10 +354,11 @@ def train(cfg):
                     log.log(progress, mean_over_processes(loss, procs), lr)
 
         check_replicas_agree(raw_model, procs, device)
-        losses["val_full"], val_seconds = whole_val_loss(raw_model, cfg, device, ctx, procs)
+        losses["val_full"], covered, val_seconds = final_val_loss(raw_model, cfg, device, ctx, procs)
         if procs.master:
-            report_end(cfg, progress, log.paused_seconds, losses["val_full"],
-                       losses["val_full"] * bits_per_char_scales(cfg)["val"], val_seconds, start_iter)
+            kept = kept_model_loss(cfg, progress, device, ctx)
+            report_end(cfg, progress, log.paused_seconds, losses["val_full"], covered,
+                       bits_per_char_scales(cfg)["val"], val_seconds, start_iter, kept)
         return losses
 
 

@@ -120,6 +120,8 @@ train --vocab_size=100                                             | '--vocab_si
 train --init_from=gpt2-xl                                          | GPT-2 weights are not supported
 train --max_seconds=-1                                             | max_seconds must be >= 0
 train --eval_iters=0                                               | eval_iters must be positive
+train --eval_split=train                                           | eval_split must be one of 'val', 'test'
+train --eval_only=True --eval_split=test                           | has no test split
 train --dataset=../elsewhere                                       | dataset must be the name of a folder under data_dir
 train --n_layer=2.5                                                | n_layer must be int
 train --batch_size                                                 | '--batch_size' has no value
@@ -164,15 +166,16 @@ sample '--out_dir={d}/out_truncated'                               | is not a re
 sample '--out_dir={d}/out_hostile'                                 | is not a readable checkpoint
 sample '--out_dir={d}/nothing'                                     | no checkpoint at
 # prepare_shakespeare.py
-prepare --input '{d}/folder'                                       | is a folder; give a text file
+prepare --input '{d}/folder'                                       | holds no files; give a text file or a folder of them
 prepare --input '{d}/latin1.txt'                                   | is not UTF-8 text
 prepare --input '{d}/empty.txt'                                    | is empty
 prepare --input '{d}/nothere.txt'                                  | not found
 prepare --input '{d}/foreign.txt' --vocab_from meta_hostile        | meta.pkl is not a vocabulary file
 prepare --input '{d}/foreign.txt' --vocab_from tiny                | characters not in the vocabulary
-prepare --input '{d}/foreign.txt' --data_dir '{d}/latin1.txt/data' | could not write the dataset
+prepare --input '{d}/foreign.txt' --data_dir '{d}/latin1.txt/data' | could not write the dataset {d}/latin1.txt/data
 prepare --input '{d}/foreign.txt' --vocab_size=300                | --vocab_size is for --tokenizer=bpe
-prepare --input '{d}/foreign.txt' --tokenizer=bpe --vocab_size=100 | --vocab_size must be from 256 (the bytes alone) to 65536 (uint16 token files), got 100
+prepare --input '{d}/foreign.txt' --tokenizer=bpe --vocab_size=100 | --vocab_size must be at least 256 (the bytes alone), got 100
+prepare --input '{d}/foreign.txt' --test_fraction=0.2              | --test_fraction must be at least 0 and below 0.1
 prepare --input '{d}/foreign.txt' --tokenizer=wordpiece            | argument --tokenizer: invalid choice: 'wordpiece'
 prepare --input '{d}/foreign.txt' --tokenizer=bpe --vocab_from tiny | --vocab_from takes that dataset's tokenizer
 prepare --dataset ../x                                             | --dataset must be the name of a folder under --data_dir, got '../x'

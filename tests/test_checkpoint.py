@@ -8,9 +8,10 @@ import torch
 
 from checkpoint import (CheckpointError, capture_rng, load_checkpoint, restore_rng, restore_training_state,
                         save_checkpoint)
-from configurator import ConfigError
-from model import GPT, GPTConfig
 from checkpoint import Progress
+from configurator import ConfigError
+from helpers import run_in_process
+from model import GPT, GPTConfig
 from train import train
 
 
@@ -56,7 +57,7 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypa
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(CheckpointError, match="No space left on device; the previous checkpoint is untouched"):
+    with pytest.raises(CheckpointError, match="no space left on device; free some space.*; the previous checkpoint is untouched"):
         save_checkpoint({"model": {"w": torch.zeros(3)}, "model_args": {}}, path)
     monkeypatch.undo()
     assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(3))
@@ -143,3 +144,70 @@ def test_resume_of_a_weights_only_checkpoint_is_one_line(tiny_cfg):
     with pytest.raises(CheckpointError, match="holds weights only, no optimizer state.*fine-tune from it"):
         train(dataclasses.replace(tiny_cfg, init_from="resume", max_iters=60))
 
+
+
+def resume_args(cfg, max_iters):
+    return [f"--data_dir={cfg.data_dir}", "--dataset=tiny", f"--out_dir={cfg.out_dir}", "--device=cpu",
+            "--dtype=float32", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=8",
+            "--dropout=0.0", f"--max_iters={max_iters}", "--lr_decay_iters=40", "--warmup_iters=5",
+            "--eval_interval=20", "--eval_iters=4", "--learning_rate=3e-3", "--seed=0", "--always_save_checkpoint=True",
+            "--init_from=resume"]
+
+
+def assert_full_disk_stops_in_one_line(cfg, r, ckpt_before):
+    last = r.stderr.splitlines()[-1]  # below the progress bar
+    assert r.returncode == 1 and r.stderr.count("error:") == 1 and "Traceback" not in r.stderr, r.stderr
+    assert last.startswith(f"error: could not write {os.path.join(cfg.out_dir, 'ckpt.pt')}: no space left on "
+                               f"device; free some space"), r.stderr
+    with open(os.path.join(cfg.out_dir, "ckpt.pt"), "rb") as f:
+        assert f.read() == ckpt_before  # the last checkpoint, whole
+    assert not [name for name in os.listdir(cfg.out_dir) if ".tmp" in name]  # no half-written one
+
+
+def test_a_full_disk_at_a_save_stops_in_one_line_and_keeps_the_checkpoint(tiny_cfg, monkeypatch):
+    """The save's file is /dev/full, so the operating system answers ENOSPC (which torch.save
+    reports as a RuntimeError)."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full here")
+    cfg = dataclasses.replace(tiny_cfg, max_iters=20, always_save_checkpoint=True)
+    train(cfg)
+    with open(os.path.join(cfg.out_dir, "ckpt.pt"), "rb") as f:
+        before = f.read()
+    import files
+    real_open = open
+
+    def full_disk(path, mode="r", *args, **kwargs):
+        return real_open("/dev/full" if "ckpt.pt.tmp" in str(path) else path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(files, "open", full_disk, raising=False)
+    assert_full_disk_stops_in_one_line(cfg, run_in_process("train.py", *resume_args(cfg, 40)), before)
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A 1 MB tmpfs mounted at tmp_path/small, where this process may mount one (root on Linux)."""
+    import subprocess
+    path = tmp_path / "small"
+    path.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(path)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("can't mount a small filesystem here")
+    yield path
+    subprocess.run(["umount", str(path)], check=True)
+
+
+def test_a_real_full_disk_at_a_save(tiny_data, small_filesystem):
+    """On a 1 MB filesystem, filled until half a checkpoint's room is left: the next save does not fit."""
+    cfg = dataclasses.replace(tiny_config_on(tiny_data, small_filesystem / "out"), max_iters=20,
+                              always_save_checkpoint=True)
+    train(cfg)
+    with open(os.path.join(cfg.out_dir, "ckpt.pt"), "rb") as f:
+        before = f.read()
+    free = os.statvfs(small_filesystem).f_bavail * os.statvfs(small_filesystem).f_frsize
+    (small_filesystem / "filler").write_bytes(b"x" * (free - len(before) // 2))  # half a checkpoint's room left
+    assert_full_disk_stops_in_one_line(cfg, run_in_process("train.py", *resume_args(cfg, 40)), before)
+
+
+def tiny_config_on(data_dir, out_dir):
+    from helpers import tiny_config
+    return tiny_config(data_dir, out_dir)

@@ -9,18 +9,18 @@ import torch
 
 import device
 from configurator import UserError
-from dataset import TrainBatches
+from dataset import TokenFile, TrainBatches, split_file
 from helpers import TINY_TEXT
 from prepare_shakespeare import prepare
 from tokenizer import CharTokenizer
-from train import train
+from train import TrainConfig, train
 
 
 def test_train_batches_are_windows_of_the_file(tmp_path):
     data = np.arange(1000, dtype=np.uint16)
     path = tmp_path / "tokens.bin"
     data.tofile(path)
-    batches = TrainBatches(str(path), 16, 32, 1, np.random.default_rng(0), "cpu")
+    batches = TrainBatches(TokenFile(str(path)), 16, 32, 1, np.random.default_rng(0), "cpu")
     for _ in range(20):
         (x, y), = batches.next_step()
         assert x.shape == y.shape == (16, 32) and x.dtype == torch.long
@@ -28,7 +28,7 @@ def test_train_batches_are_windows_of_the_file(tmp_path):
         assert torch.equal(y - x, torch.ones_like(x))  # consecutive tokens of the file
         assert x.min() >= 0 and y.max() <= 999  # every window inside the data
     # windows start anywhere, including the very last possible start
-    wide = TrainBatches(str(path), 64, 32, 1, np.random.default_rng(0), "cpu")
+    wide = TrainBatches(TokenFile(str(path)), 64, 32, 1, np.random.default_rng(0), "cpu")
     starts = np.concatenate([next(wide.next_step())[0][:, 0].numpy() for _ in range(200)])
     assert starts.min() == 0 and starts.max() == 1000 - 33
 
@@ -38,8 +38,8 @@ def test_processes_share_out_the_global_batch(tmp_path):
     with 4 micro-steps reads, and their generators stay in step."""
     path = tmp_path / "tokens.bin"
     np.arange(1000, dtype=np.uint16).tofile(path)
-    one = TrainBatches(str(path), 3, 8, 4, np.random.default_rng(5), "cpu")
-    two = [TrainBatches(str(path), 3, 8, 2, np.random.default_rng(5), "cpu", device.Processes(rank, rank, 2))
+    one = TrainBatches(TokenFile(str(path)), 3, 8, 4, np.random.default_rng(5), "cpu")
+    two = [TrainBatches(TokenFile(str(path)), 3, 8, 2, np.random.default_rng(5), "cpu", device.Processes(rank, rank, 2))
            for rank in (0, 1)]
     for _ in range(3):
         alone = [x for x, _ in one.next_step()]
@@ -52,7 +52,7 @@ def test_train_batches_refuse_a_file_shorter_than_a_block(tmp_path):
     path = tmp_path / "tokens.bin"
     np.arange(10, dtype=np.uint16).tofile(path)
     with pytest.raises(UserError, match="block_size"):
-        TrainBatches(str(path), 2, 10, 1, np.random.default_rng(0), "cpu")
+        TrainBatches(TokenFile(str(path)), 2, 10, 1, np.random.default_rng(0), "cpu")
 
 
 def test_missing_shakespeare_is_prepared_automatically(tiny_cfg, tmp_path, monkeypatch, capsys):
@@ -77,3 +77,31 @@ def test_dataset_files_that_do_not_belong_together_are_refused(tiny_cfg, tiny_da
     with pytest.raises(UserError, match="does not belong with .*meta.pkl"):
         train(tiny_cfg)
     assert not os.path.exists(tiny_cfg.out_dir)
+
+
+def test_uint32_token_files_train_and_sample(tmp_path):
+    """A vocabulary beyond 65,536 characters: uint32 token files, which train.py and sample.py read."""
+    from helpers import run_in_process
+    chars = [chr(c) for c in range(0x100, 0x100 + 70_000) if not 0xD800 <= c < 0xE000]
+    text = "".join(chars) + "".join(reversed(chars))
+    tok = prepare(text, str(tmp_path / "data" / "wide"))
+    cfg = TrainConfig(out_dir=str(tmp_path / "out"), data_dir=str(tmp_path / "data"), dataset="wide", n_layer=1,
+                      n_head=2, n_embd=16, block_size=16, batch_size=4, dropout=0.0, max_iters=4, lr_decay_iters=4,
+                      warmup_iters=1, eval_interval=4, eval_iters=1, device="cpu", dtype="float32",
+                      always_save_checkpoint=True)
+    train_file = split_file(cfg, "train")
+    x, y = train_file.windows(np.array([65_530]), 16, "cpu")
+    assert train_file.dtype == np.uint32 and tok.decode(x[0].tolist()) == text[65_530:65_546]  # ids past 65,535
+    train(cfg)
+    r = run_in_process("sample.py", f"--out_dir={cfg.out_dir}", "--device=cpu", f"--start={chars[-1]}",
+                       "--num_samples=1", "--max_new_tokens=5")
+    assert r.returncode == 0 and set(r.stdout.split("\n")[0]) <= set(chars), r.stderr
+
+
+def test_nanogpts_meta_without_a_dtype_reads_uint16(tiny_cfg, tiny_data):
+    meta_path = os.path.join(tiny_data, "tiny", "meta.pkl")
+    with open(meta_path, "rb") as f:
+        meta = pickle.load(f)
+    with open(meta_path, "wb") as f:
+        pickle.dump({k: meta[k] for k in ("vocab_size", "itos", "stoi")}, f)  # nanoGPT's keys alone
+    assert train(tiny_cfg)["val"] < 3.0

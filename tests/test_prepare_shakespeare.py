@@ -1,18 +1,22 @@
+import dataclasses
 import errno
 import hashlib
+import io
 import os
 import pickle
 import signal
 import subprocess
 import sys
 import threading
+import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
 
 from helpers import REPO, TINY_TEXT
-from prepare_shakespeare import DatasetError, main, prepare, prepare_dataset, read_text
+from configurator import UserError
+from prepare_shakespeare import BENCHMARKS, DatasetError, main, prepare, prepare_dataset
 from tokenizer import TokenizerError, load_tokenizer
 
 TEXT = "hello world\nà bientôt, Ελλάδα!\n" * 50  # non-ASCII, well within uint16
@@ -32,12 +36,14 @@ def test_prepare_writes_splits_and_meta(tmp_path):
     assert load_tokenizer(tmp_path / "meta.pkl").stoi == tok.stoi
 
 
-@pytest.mark.parametrize("content, message", [(b"", "empty"), (b"\xff\xfe bad", "not UTF-8")])
+@pytest.mark.parametrize("content, message", [(b"", "the input is empty"),
+                                              (b"ok\n\xff\xfe bad", r"in.txt is not UTF-8 text \(invalid start byte at byte 3\)")])
 def test_bad_input_text(tmp_path, content, message):
     path = tmp_path / "in.txt"
     path.write_bytes(content)
-    with pytest.raises(DatasetError, match=message):
-        read_text(str(path))
+    with pytest.raises(UserError, match=message):
+        prepare_dataset("bad", input_path=str(path), data_dir=str(tmp_path / "data"))
+    assert not (tmp_path / "data" / "bad").exists()
 
 
 def test_prepare_from_local_input(tmp_path):
@@ -49,17 +55,32 @@ def test_prepare_from_local_input(tmp_path):
     assert {p.name for p in out.iterdir()} == {"input.txt", "train.bin", "val.bin", "meta.pkl"}
 
 
+def zipped(name, data):
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr(name, data)
+    return buffer.getvalue()
+
+
+# small stand-ins for the benchmarks, zipped as theirs are: a byte file whose end cuts a character
+# in two (enwik8 is modelled as bytes), and text8's 27 characters
+SMALL = {"enwik8": ("<page><title>Ελλάδα</title> &amp; text\n" * 60).encode("utf-8")[:2001],
+         "text8": ("the quick brown fox jumps over the lazy dog " * 50)[:2000].encode("ascii")}
+
+
 class _Handler(BaseHTTPRequestHandler):
-    body = TINY_TEXT.encode("utf-8")
+    bodies = {"/input.txt": TINY_TEXT.encode("utf-8"), "/enwik8.zip": zipped("enwik8", SMALL["enwik8"]),
+              "/text8.zip": zipped("text8", SMALL["text8"]), "/wrong8.zip": zipped("enwik8", b"x" * 2001)}
 
     def do_GET(self):
-        if self.path != "/input.txt":
+        body = self.bodies.get(self.path)
+        if body is None:
             self.send_error(404)
             return
         self.send_response(200)
-        self.send_header("Content-Length", str(len(self.body)))
+        self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        self.wfile.write(self.body)
+        self.wfile.write(body)
 
     def log_message(self, *args):
         pass
@@ -193,7 +214,8 @@ def test_a_full_disk_while_preparing_keeps_the_old_set(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(pickle, "dump", full)  # the third of the four files
-    with pytest.raises(DatasetError, match="could not write the dataset to .*No space left on device; nothing"):
+    with pytest.raises(DatasetError, match="could not write .*meta.pkl: no space left on device; free some space, "
+                                           "or use another --data_dir; nothing in .*mine was changed"):
         prepare(TINY_TEXT, str(out))
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(os.listdir(tmp_path / "data")) == ["mine"]
@@ -270,4 +292,81 @@ print("not reached")
     assert r.returncode == -signal.SIGTERM and "not reached" not in r.stdout, (r.returncode, r.stderr)
     assert (out / "input.txt").read_text(encoding="utf-8") == TINY_TEXT
     assert sorted(os.listdir(out)) == ["input.txt", "meta.pkl", "train.bin", "val.bin"]
+    assert sorted(os.listdir(tmp_path / "data")) == ["mine"]
+
+
+@pytest.fixture
+def small_benchmarks(monkeypatch):
+    """BENCHMARKS with the published size and checksum of SMALL's stand-ins."""
+    for name, data in SMALL.items():
+        bench = BENCHMARKS[name]
+        monkeypatch.setitem(BENCHMARKS, name, dataclasses.replace(
+            bench, size=len(data), md5=hashlib.md5(data).hexdigest() if bench.md5 else None))
+
+
+@pytest.mark.parametrize("name", ["enwik8", "text8"])
+def test_a_benchmark_downloads_checks_and_splits_as_the_papers_do(server, tmp_path, small_benchmarks, name):
+    tok = prepare_dataset(name, url=f"{server}/{name}.zip", data_dir=str(tmp_path))
+    out = tmp_path / name
+    data = SMALL[name]
+    n = len(data)
+    ids = {s: np.fromfile(out / f"{s}.bin", dtype=np.uint16) for s in ("train", "val", "test")}
+    assert [len(ids[s]) for s in ("train", "val", "test")] == [int(n * 0.9), n - int(n * 0.9) - int(n * 0.05),
+                                                                int(n * 0.05)]
+    with open(out / "meta.pkl", "rb") as f:
+        meta = pickle.load(f)
+    assert meta["chars"] == {s: len(ids[s]) for s in ids}  # bits per character count bytes for enwik8
+    everything = np.concatenate([ids["train"], ids["val"], ids["test"]])
+    if name == "enwik8":  # bytes: a vocabulary of 256, the ids the bytes themselves
+        assert tok.vocab_size == 256 and everything.astype(np.uint8).tobytes() == data
+    else:
+        assert tok.vocab_size == 27 and tok.decode(everything.tolist()) == data.decode()
+    assert {p.name for p in out.iterdir()} == {f"{name}.zip", name, "train.bin", "val.bin", "test.bin", "meta.pkl"}
+
+
+def test_a_benchmark_without_a_network_says_where_to_put_its_zip(tmp_path, small_benchmarks):
+    with pytest.raises(DatasetError, match=f"could not download http://127.0.0.1:9/enwik8.zip .*; check your "
+                                           f"connection, or download it by hand and put it at "
+                                           f"{tmp_path / 'enwik8' / 'enwik8.zip'}$"):
+        prepare_dataset("enwik8", url="http://127.0.0.1:9/enwik8.zip", data_dir=str(tmp_path))
+    (tmp_path / "enwik8" / "enwik8.zip").write_bytes(_Handler.bodies["/enwik8.zip"])  # by hand
+    tok = prepare_dataset("enwik8", url="http://127.0.0.1:9/enwik8.zip", data_dir=str(tmp_path))
+    assert tok.vocab_size == 256 and (tmp_path / "enwik8" / "test.bin").exists()
+
+
+def test_a_benchmark_file_that_is_not_the_published_one_is_refused(server, tmp_path, small_benchmarks):
+    with pytest.raises(DatasetError, match="enwik8 is not enwik8 .*the published file has 2,001 bytes and MD5"):
+        prepare_dataset("enwik8", url=f"{server}/wrong8.zip", data_dir=str(tmp_path))
+    assert not (tmp_path / "enwik8" / "train.bin").exists()
+
+
+def test_a_test_split_holds_the_texts_end(tmp_path):
+    tok = prepare(TEXT, str(tmp_path), test_fraction=0.05)
+    n = len(TEXT)
+    test = np.fromfile(tmp_path / "test.bin", dtype=np.uint16)
+    assert tok.decode(test.tolist()) == TEXT[n - int(n * 0.05):]
+    val = np.fromfile(tmp_path / "val.bin", dtype=np.uint16)
+    assert tok.decode(val.tolist()) == TEXT[int(n * 0.9):n - int(n * 0.05)]
+    prepare(TEXT, str(tmp_path))  # prepared again without one: no test split left behind
+    assert not (tmp_path / "test.bin").exists()
+
+
+def test_a_full_disk_while_writing_tokens_names_the_reason(tmp_path, monkeypatch):
+    """The token files written to /dev/full: the operating system's own ENOSPC."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full here")
+    out = tmp_path / "data" / "mine"
+    prepare(TEXT, str(out))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    import prepare_shakespeare
+    real_open = open
+
+    def full_disk(path, mode="r", *args, **kwargs):
+        return real_open("/dev/full" if str(path).endswith(".bin") else path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(prepare_shakespeare, "open", full_disk, raising=False)
+    with pytest.raises(DatasetError, match="could not write the dataset .*mine: no space left on device; free some "
+                                           "space, or use another --data_dir; nothing in .*mine was changed"):
+        prepare(TINY_TEXT, str(out))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(os.listdir(tmp_path / "data")) == ["mine"]

@@ -356,3 +356,17 @@ def test_cpu_recipes_stop_on_time_evaluate_rarely_and_keep_the_best(tiny_data, t
     ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))  # the best eval's model
     assert ckpt["val_loss"] == ckpt["best_val_loss"] and ckpt["model_args"]["n_layer"] == shape[0]
     assert ckpt["model_args"].get("mtp_weight", 0.0) == mtp_weight
+
+
+def test_the_enwik8_recipe_has_the_literatures_shape_and_trains(tiny_data, tmp_path):
+    path = os.path.join(REPO, "config", "train_enwik8.py")
+    cfg = configure(TrainConfig, [path])
+    assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size) == (12, 8, 512, 512) and cfg.dataset == "enwik8"
+    # one step of the recipe at its shape, on the tiny dataset and a batch of one
+    cfg = configure(TrainConfig, [path, f"--data_dir={tiny_data}", "--dataset=tiny", "--batch_size=1",
+                                  "--max_iters=1", "--eval_iters=1", "--device=cpu", f"--out_dir={tmp_path / 'out'}",
+                                  "--always_save_checkpoint=True"])
+    train(cfg)
+    ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))
+    assert ckpt["iter_num"] == 1 and GPT(GPTConfig(**{k: v for k, v in ckpt["model_args"].items()
+                                                      if k in GPTConfig.__dataclass_fields__})).get_num_params() > 37e6
