@@ -7,6 +7,7 @@ scripts' settings, --help and checkpoints pick it up. speedups.py swaps in faste
 """
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass, fields
 
 import torch
@@ -211,6 +212,8 @@ class GPT(nn.Module):
         # Weight tying: the same matrix maps tokens to vectors and vectors back to token logits.
         self.transformer.wte.weight = self.lm_head.weight
         self.kv_cache_dtype = None  # the dtype generation caches keys and values in (None: attention's)
+        # what each of generation's cached one-token steps runs in (speedups.py turns oneDNN off there)
+        self.one_token_context = nullcontext
         if config.mtp_weight:  # one residual step from the last layer's output, then the shared lm_head
             self.mtp = nn.Linear(config.n_embd, config.n_embd, bias=False)
 
@@ -333,7 +336,8 @@ class GPT(nn.Module):
                 cache = KVCache(self.config, self.kv_cache_dtype)
                 logits, _, _ = self(idx[:, -keep:], kv_cache=cache)
             else:
-                logits, _, _ = self(idx[:, -1:], kv_cache=cache)
+                with self.one_token_context():
+                    logits, _, _ = self(idx[:, -1:], kv_cache=cache)
             idx_next = sample_next(logits[:, -1, :], temperature, top_k, generator)
             idx = torch.cat((idx, idx_next), dim=1)
             yield idx_next

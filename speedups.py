@@ -1,9 +1,11 @@
 """
 Speed paths for CPUs, so that model.py stays the lecture's model: faster modules swapped in for
-nn.Dropout and nn.Linear once the model is built, and the attention's choice of kernel. A swapped
-module computes what the one it replaces computes (dropout masks aside, which are random either way)
-with the same parameters, so names, checkpoints and nanoGPT compatibility are unchanged, and a
-forker's new modules and forward arguments need nothing here. On GPUs and MPS nothing changes.
+nn.Dropout and nn.Linear once the model is built, and the choices the model leaves open (the
+attention's kernel, the KV cache's dtype, what generation's one-token steps run in). A swapped module
+computes what the one it replaces computes (dropout masks aside, which are random either way) with
+the same parameters, so names, checkpoints and nanoGPT compatibility are unchanged; no method of
+the model is replaced, so a forker's new modules and forward arguments need nothing here. On GPUs
+and MPS nothing changes.
 
     speed_up_training(model, device, dtype)        # train.py and bench.py, before training
     speed_up_sampling(model, device, batch_size)   # sample.py, once the weights are in their dtype
@@ -14,7 +16,6 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
-from torch.nn import functional as F
 
 from model import GPT, CausalSelfAttention
 
@@ -66,14 +67,14 @@ def speed_up_training(model, device, dtype):
 
 def speed_up_sampling(model, device, batch_size):
     """For generating batch_size sequences on a CPU, with the weights already in their sampling
-    dtype: keys and values cached in float32; for one sequence in bfloat16, MatrixVectorLinear
-    layers; for several, the weights packed once for oneDNN (PackedLinear)."""
+    dtype: keys and values cached in float32; for one sequence in bfloat16, its one-token steps
+    without oneDNN (PyTorch's own matrix-vector kernels are faster for a single row; the prompt
+    keeps oneDNN); for several, the weights packed once for oneDNN (PackedLinear)."""
     if not on_cpu(device) or not isinstance(model, GPT):
         return model
     model.kv_cache_dtype = torch.float32
     if batch_size == 1 and model.lm_head.weight.dtype == torch.bfloat16:
-        replace_modules(model, nn.Linear, MatrixVectorLinear)
-        return model
+        model.one_token_context = onednn_disabled
     return pack_linears(model, batch_size)
 
 
@@ -85,22 +86,6 @@ def onednn_disabled():
         yield
     finally:
         torch.backends.mkldnn.enabled = before
-
-
-class MatrixVectorLinear(nn.Module):
-    """An nn.Linear (the same weight and bias) for generating one sequence in bfloat16 on a CPU: a
-    single row, as each new token's step has, runs on PyTorch's own matrix-vector kernel, which is
-    faster for it than oneDNN's; longer inputs (the prompt, a refill of the cache) keep oneDNN."""
-
-    def __init__(self, linear):
-        super().__init__()
-        self.weight, self.bias = linear.weight, linear.bias  # shared, so tied weights stay tied
-
-    def forward(self, x):
-        if x.numel() != x.size(-1):
-            return F.linear(x, self.weight, self.bias)
-        with onednn_disabled():
-            return F.linear(x, self.weight, self.bias)
 
 
 class PackedLinear(nn.Module):
