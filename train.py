@@ -191,6 +191,8 @@ def mean_over_processes(loss, procs):
     return loss.item()
 
 
+# Training time
+
 class TrainingClock:
     """The run's training time, which max_seconds budgets and the time-laid schedule follows: the
     optimizer steps only, not evals, saves, samples or the first compiled step's compiling. Under

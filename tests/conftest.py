@@ -25,3 +25,13 @@ def tiny_cfg(tiny_data, tmp_path):
 def pytest_collection_modifyitems(items):
     # the long subprocess tests first: the workers share them and the short tests fill in around them
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+@pytest.fixture
+def ctrl_c_raises():
+    """Ctrl-C (SIGINT) raises KeyboardInterrupt in this process, as in a terminal: a suite started in
+    the background by a non-interactive shell inherits SIGINT ignored, where Python installs no handler."""
+    import signal
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)

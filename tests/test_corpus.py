@@ -96,7 +96,7 @@ def test_text_that_is_not_utf8_is_named_with_its_byte(tmp_path):
         prepare_dataset("bad", input_path=str(path), data_dir=str(tmp_path / "data"))
 
 
-def test_ctrl_c_while_the_workers_encode_keeps_the_old_set_and_ends_them(tmp_path, monkeypatch):
+def test_ctrl_c_while_the_workers_encode_keeps_the_old_set_and_ends_them(tmp_path, monkeypatch, ctrl_c_raises):
     import multiprocessing
     import signal
     out = tmp_path / "data" / "mine"

@@ -228,7 +228,7 @@ class Stopped(Exception):
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 @pytest.mark.parametrize("when", ["before the first rename", "between the renames", "after the second rename",
                                   "while writing the new set"])
-def test_a_signal_at_any_step_of_preparing_leaves_a_whole_set(tmp_path, monkeypatch, signum, when):
+def test_a_signal_at_any_step_of_preparing_leaves_a_whole_set(tmp_path, monkeypatch, ctrl_c_raises, signum, when):
     """Ctrl-C or SIGTERM, sent at each step of swapping the new set in: the folder then holds the old
     set or the new one, complete, with the user's files; the signal still stops the program."""
     out = tmp_path / "data" / "mine"

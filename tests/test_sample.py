@@ -184,3 +184,23 @@ def test_a_bpe_model_samples_whole_characters_and_fine_tunes_with_its_merges(tin
     losses = train(dataclasses.replace(cfg, dataset="more", init_from=cfg.out_dir, out_dir=cfg.out_dir + "-ft",
                                        max_iters=10, lr_decay_iters=10))
     assert losses["val_full"] > 0
+
+
+def test_compile_samples_the_plain_models_text(trained, monkeypatch):
+    """--compile=True compiles the model (Module.compile, no method replaced); the text is the same.
+    The compiler's eager backend keeps the test fast: tracing is what sample.py's path adds."""
+    compiled = []
+    real_compile = torch.nn.Module.compile
+
+    def eager_compile(self, **kwargs):
+        compiled.append(type(self).__name__)
+        return real_compile(self, backend="eager", **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "compile", eager_compile)
+    outs = []
+    for compile in (False, True):
+        buf = io.StringIO()
+        sample(sample_cfg(trained, start="All:", num_samples=1, max_new_tokens=30, temperature=0.0,
+                          compile=compile), out=buf)
+        outs.append(buf.getvalue())
+    assert compiled == ["GPT"] and outs[0] == outs[1]
