@@ -22,7 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from configurator import UserError
-from tokenizer import BPETokenizer
+from tokenizer import BPETokenizer, code_points
 
 CHUNK_BYTES = 4 << 20  # per task: a worker holds a few times this in memory
 IN_PROCESS_BYTES = 16 << 20  # a corpus smaller than this is tokenized in this process: no pool to start
@@ -98,14 +98,10 @@ def text_chunks(files, chunk_bytes=None):
 
 # The workers' tasks: top-level functions, so that a pool can run them
 
-def _code_points(text):
-    return np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-
-
 def _count_chunk(chunk):
     """(number of characters, the distinct code points) of a chunk."""
     text = chunk.text()
-    return len(text), np.flatnonzero(np.bincount(_code_points(text)))
+    return len(text), np.flatnonzero(np.bincount(code_points(text)))
 
 
 _tokenizer = None  # the worker's: set by _start_worker

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from configurator import ConfigError, UserError, check, run_main
 from corpus import corpus_files, count_characters, encode_splits, learn_bpe, text_chunks
 from files import dead_leftovers, remove_leftovers, signals_deferred, write_atomic
-from tokenizer import BPETokenizer, CharTokenizer, TokenizerError, load_tokenizer
+from tokenizer import BPETokenizer, CharTokenizer, TokenizerError, load_tokenizer, read_meta
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -323,18 +323,13 @@ def prepare_dataset(dataset=DEFAULT_DATASET, input_path=None, url=None, sha256=S
         files, input_copy = [path], path
     tok = prepare_corpus(files, out_dir, tok, tokenizer, vocab_size, test_fraction or 0.0,
                          as_bytes=bench is not None and bench.as_bytes, input_copy=input_copy, sample_mb=sample_mb)
-    meta = load_meta(out_dir)
+    meta = read_meta(os.path.join(out_dir, "meta.pkl"))
     tokens = {split: os.path.getsize(os.path.join(out_dir, f"{split}.bin")) // np.dtype(meta["dtype"]).itemsize
               for split in meta["chars"]}
     print(f"{out_dir}: {tok.kind} tokenizer, vocab size {tok.vocab_size}, "
           + ", ".join(f"{n:,} {split} tokens" for split, n in tokens.items())
           + f" ({sum(meta['chars'].values()) / sum(tokens.values()):.2f} characters per token)")
     return tok
-
-
-def load_meta(folder):
-    with open(os.path.join(folder, "meta.pkl"), "rb") as f:
-        return pickle.load(f)
 
 
 class ArgumentParser(argparse.ArgumentParser):

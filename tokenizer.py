@@ -39,6 +39,11 @@ def bits_per_char(loss, tokens, chars):
     return loss * tokens / chars / math.log(2)
 
 
+def code_points(text):
+    """The Unicode code points of text, as a uint32 array."""
+    return np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+
+
 class CharTokenizer:
     """Maps each distinct character of a text to an integer id (sorted order, as the lecture)."""
     kind = "char"
@@ -70,13 +75,13 @@ class CharTokenizer:
     def encode_array(self, text):
         """encode(text) as an int64 array, for long texts: each character's code point is looked up
         among the vocabulary's, sorted, in one numpy call instead of a Python loop."""
-        code_points = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        points = code_points(text)
         if not hasattr(self, "_sorted"):
             ours = np.array([ord(self.itos[i]) for i in range(self.vocab_size)], dtype=np.uint32)
             order = np.argsort(ours)
             self._sorted, self._ids = ours[order], order
-        at = np.searchsorted(self._sorted, code_points).clip(max=self.vocab_size - 1)
-        if not np.array_equal(self._sorted[at], code_points):
+        at = np.searchsorted(self._sorted, points).clip(max=self.vocab_size - 1)
+        if not np.array_equal(self._sorted[at], points):
             self.encode(text)  # raises, naming the characters the vocabulary lacks
         return self._ids[at]
 
