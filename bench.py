@@ -3,12 +3,15 @@ Measure training and sampling speed for a model shape on this machine.
 
     python bench.py                                     # the GPU recipe's shape, batch 8
     python bench.py --n_layer=4 --n_head=4 --n_embd=128 --block_size=64 --batch_size=12
+    python bench.py --sizes_only=True                   # what the CPU recipe would train here
 
 Times what train.py runs, its batches (dataset.TrainBatches) and train_step (ms/iter, tokens/s, MFU against this
 machine's measured matmul peak in the same dtype, as train.py's log), sampling speed with and without
 the KV cache, and peak memory. With
 --compare=True (default) it also runs nanoGPT's path (float32, unfused AdamW, no KV cache),
-alternating the two so that both see the same machine conditions, and reports the ratios.
+alternating the two so that both see the same machine conditions, and reports the ratios. Last, it
+measures what train.py's sizing rule measures (sizing.py) and prints the shape the CPU recipe
+(config/train_shakespeare_char_cpu.py) would train on this machine for 100 s, 5 and 10 minutes.
 """
 
 import os
@@ -25,13 +28,17 @@ import numpy as np
 import torch
 
 from configurator import as_config_error, check, configure, run_main
+from sizing import shapes_for_budgets
 from device import (DeviceSettings, autocast_context, describe_dtype, matmul_peak_flops, newton_schulz_dtype,
                     reuse_freed_memory, select_device, select_dtype, select_sampling_dtype, synchronize, use_compile)
 from model import GPT, GPTConfig
 from muon import torch_optimizers
 from speedups import PackedLinear, speed_up_sampling, speed_up_training
 from dataset import TokenFile, TrainBatches
-from train import train_step
+from train import TrainConfig, step_timer, train_step
+
+CPU_RECIPE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config", "train_shakespeare_char_cpu.py")
+BUDGETS = {"100 s": 100, "5 min": 300, "10 min": 600}  # the README's rows
 
 
 @dataclass
@@ -47,6 +54,8 @@ class BenchConfig(GPTConfig, DeviceSettings):
     sample_tokens: int = 500  # new tokens per sampling measurement (sample.py's default)
     num_samples: int = 10  # sample.py's default: generated as one batch here, one after another by nanoGPT
     seed: int = 1337  # seeds the weights and batches
+    sizes: bool = True  # also print the shapes the CPU recipe would train here for 100 s, 5 and 10 minutes
+    sizes_only: bool = False  # print only those (no table)
 
     def __post_init__(self):
         for key in ("batch_size", "steps", "rounds", "sample_tokens", "num_samples"):
@@ -168,6 +177,23 @@ class Variant:
         self.batch_times.append(time.perf_counter() - t0)
 
 
+def recipe_sizes(cfg, device, dtype, tokens):
+    """{budget name: sizing.Choice}: the shape train.py's CPU recipe picks for each of BUDGETS on this
+    machine, from the same measurement (sizing.py, train.step_timer) on tokens."""
+    recipe = configure(TrainConfig, [CPU_RECIPE, f"--device={cfg.device}", f"--dtype={cfg.dtype}"])
+    timer = step_timer(tokens, cfg.vocab_size, device, dtype)
+    chosen = shapes_for_budgets(recipe, timer, BUDGETS.values())
+    return {name: chosen[seconds] for name, seconds in BUDGETS.items()}
+
+
+def report_sizes(sizes):
+    print("the CPU recipe (python train.py config/train_shakespeare_char_cpu.py --max_seconds=S) would train here:")
+    for name, c in sizes.items():
+        print(f"  {name:>6}: {c.shape()}, {c.cfg.n_head} heads ({c.params_m:.2f}M parameters, learning rate "
+              f"{c.cfg.learning_rate:.2g}): {c.seconds_per_iter * 1e3:.0f} ms/iter, about {c.iters:,} iterations, "
+              f"predicted val loss {c.loss:.2f}")
+
+
 def bench(cfg):
     device = select_device(cfg.device)
     device_type = torch.device(device).type
@@ -176,6 +202,9 @@ def bench(cfg):
     with tempfile.TemporaryDirectory() as tmp:
         data_path = os.path.join(tmp, "tokens.bin")
         np.random.default_rng(0).integers(0, cfg.vocab_size, 200_000, dtype=np.uint16).tofile(data_path)
+        if cfg.sizes_only:
+            report_sizes(recipe_sizes(cfg, device, dtype, TokenFile(data_path)))
+            return []
         variants = [Variant("this repo", cfg, device, dtype, data_path, pos_encoding=cfg.pos_encoding)]
         if cfg.recipe:
             variants.append(Variant("+ Muon, RoPE", cfg, device, dtype, data_path, optimizer="muon", pos_encoding="rope"))
@@ -196,8 +225,11 @@ def bench(cfg):
         for _ in range(cfg.rounds):
             for v in variants:
                 v.time_sampling(cfg.sample_tokens, cfg.num_samples)
+        sizes = recipe_sizes(cfg, device, dtype, TokenFile(data_path)) if cfg.sizes else None
 
     report(cfg, device, dtype, peaks, variants)
+    if sizes:
+        report_sizes(sizes)
     return variants
 
 

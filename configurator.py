@@ -52,6 +52,8 @@ def configure(config_class, argv):
             for key, value in read_config_file(arg).items():
                 _check_known(key, fields, f"'{key}' in {arg}", config_class)
                 values[key] = _coerce(key, value, fields[key].type, arg)
+    if "given_settings" in fields:  # for settings that follow others unless given (sizing.py)
+        values["given_settings"] = tuple(sorted(values))
     return config_class(**values)
 
 

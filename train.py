@@ -14,35 +14,38 @@ checkpoint.py, out_dir.py, files.py (safe writes, signals), device.py, metrics.p
 import inspect
 import math
 import os
+import statistics
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import numpy as np
 import torch
 
-from checkpoint import (CKPT_NAME, RESUME_NAME, Progress, capture_rng, init_model, load_checkpoint,
-                        model_from_checkpoint, refuse_gpt2_weights, restore_training_state, save_checkpoint,
-                        training_checkpoint)
+from checkpoint import (CKPT_NAME, RESUME_NAME, Progress, capture_rng, checkpoint_to_load, init_model,
+                        load_checkpoint, model_from_checkpoint, refuse_gpt2_weights, restore_training_state,
+                        save_checkpoint, training_checkpoint)
 from configurator import ConfigError, UserError, as_config_error, check, check_choice, configure, run_main
 from dataset import TrainBatches, bits_per_char_scales, load_dataset, split_file
 from device import (DeviceSettings, autocast_context, check_replicas_agree, describe_dtype, end_processes,
-                    from_rank0, gather_from_all, matmul_peak_flops, newton_schulz_dtype, on_rank0,
+                    Processes, from_rank0, gather_from_all, matmul_peak_flops, newton_schulz_dtype, on_rank0,
                     out_of_memory_in_one_line, reuse_freed_memory, select_dtype, start_processes, use_compile)
 from evaluate import estimate_loss, evaluate_only, final_val_loss, show_sample
 from files import StopSignals
 from metrics import TrainingLog, plot_metrics, start_wandb
-from model import GPTConfig
+from model import GPTConfig, build_model
 from out_dir import out_dir_claimed
 from prepare_shakespeare import DEFAULT_DATASET, check_dataset_name
+from sizing import as_chosen_before, candidate_settings, derived_settings, sized_for_budget
 from speedups import speed_up_training
 
 
 @dataclass
 class TrainConfig(GPTConfig, DeviceSettings):
     """The training recipe's settings, then the model's (GPTConfig) and where it runs (DeviceSettings)."""
-    not_settings: ClassVar = {"vocab_size": "it is the dataset's number of tokens (its meta.pkl)"}
+    not_settings: ClassVar = {"vocab_size": "it is the dataset's number of tokens (its meta.pkl)",
+                              "given_settings": "it records the settings config files and --key=value gave"}
     # I/O
     out_dir: str = "out"  # where checkpoints, config.json, metrics.csv and loss.png go
     eval_interval: int = 250  # evaluate (and save if val loss improved) every this many iterations, and at the end
@@ -78,13 +81,22 @@ class TrainConfig(GPTConfig, DeviceSettings):
     lr_decay_iters: int = 5000  # the cosine reaches min_lr here (usually max_iters)
     min_lr: float = 1e-4  # the schedule's floor (about learning_rate / 10)
     max_seconds: float = 0.0  # > 0: stop after this much training time, the schedule laid over it
+    size_to_budget: bool = False  # pick the shape for max_seconds on this machine by measuring (sizing.py)
     # system (and device, dtype, compile: DeviceSettings, in device.py)
     backend: str = "auto"  # torch.distributed backend: 'auto' is nccl on CUDA, gloo elsewhere
     seed: int = 1337  # seeds the weights, dropout and batches
+    given_settings: tuple = ()  # the settings config files and --key=value gave (configure fills it)
 
     def __post_init__(self):
         """Every setting is checked here, where it is declared: a bad value stops the run before it starts."""
-        as_config_error(super().__post_init__)  # the model's settings: GPTConfig's checks
+        lowest_lr = self.learning_rate
+        if self.size_to_budget:  # the shape is sizing.py's to choose: check the model's settings with its first
+            tried = candidate_settings(self)
+            as_config_error(lambda: GPTConfig.from_settings(self, **{k: v for k, v in tried[0].items()
+                                                                     if k != "learning_rate"}))
+            lowest_lr = min(settings.get("learning_rate", self.learning_rate) for settings in tried)
+        else:
+            as_config_error(super().__post_init__)  # the model's settings: GPTConfig's checks
         refuse_gpt2_weights(self.init_from)
         for key in ("batch_size", "max_iters", "eval_iters", "eval_interval", "log_interval",
                     "gradient_accumulation_steps"):
@@ -92,14 +104,16 @@ class TrainConfig(GPTConfig, DeviceSettings):
         for key in ("warmup_iters", "lr_decay_iters", "weight_decay", "grad_clip", "sample_interval"):
             check(getattr(self, key) >= 0, key, getattr(self, key), ">= 0")
         check(self.learning_rate > 0, "learning_rate", self.learning_rate, "positive")
-        check(0 <= self.min_lr <= self.learning_rate, "min_lr", self.min_lr,
-              f"between 0 and learning_rate ({self.learning_rate})")
+        check(0 <= self.min_lr <= lowest_lr, "min_lr", self.min_lr, f"between 0 and learning_rate ({lowest_lr}"
+              + (", the lowest sizing.py would choose)" if lowest_lr != self.learning_rate else ")"))
         for key in ("beta1", "beta2"):
             check(0 <= getattr(self, key) < 1, key, getattr(self, key), "in [0, 1)")
         if self.decay_lr:
             check(self.lr_decay_iters > self.warmup_iters, "lr_decay_iters", self.lr_decay_iters,
                   f"greater than warmup_iters ({self.warmup_iters})")
         check(self.max_seconds >= 0, "max_seconds", self.max_seconds, ">= 0 (0: no time limit)")
+        check(self.max_seconds > 0 or not self.size_to_budget, "max_seconds", self.max_seconds,
+              "> 0 with size_to_budget=True: the budget the model is sized for")
         check(self.out_dir != "", "out_dir", self.out_dir, "a folder name")
         check_dataset_name("dataset", self.dataset)
         check_choice("optimizer", self.optimizer, ("adamw", "muon"))
@@ -129,6 +143,63 @@ def lr_now(progress, cfg):
     if progress.schedule_seconds > 0:
         return get_lr(progress.train_seconds / progress.schedule_seconds * cfg.lr_decay_iters, cfg)
     return get_lr(progress.iter_num, cfg)
+
+
+# The model for the budget: sizing.py's rule, on this machine's measured speed
+
+def step_timer(tokens, vocab_size, device, dtype, procs=Processes(), steps=2):
+    """seconds_per_iter(candidate): the median of `steps` training steps of candidate's shape on
+    tokens (a TokenFile), after one that warms up, run as train() runs them (uncompiled: compiling
+    each candidate would cost more than it tells)."""
+    ctx = autocast_context(device, dtype)
+    scaler = torch.amp.GradScaler(torch.device(device).type, enabled=(dtype == "float16"))
+
+    def seconds_per_iter(candidate):
+        torch.manual_seed(candidate.seed)
+        model = build_model(GPTConfig.from_settings(candidate, vocab_size=vocab_size))
+        model = speed_up_training(model.to(device), device, dtype)
+        optimizer = build_optimizer(model, candidate, device)
+        micro_steps = micro_steps_per_process(candidate, procs)
+        batches = TrainBatches(tokens, candidate.batch_size, candidate.block_size, micro_steps,
+                               np.random.default_rng(candidate.seed), device, procs)
+        times = []
+        for _ in range(steps + 1):
+            t0 = time.perf_counter()
+            train_step(model, optimizer, scaler, batches.next_step(), micro_steps, ctx, candidate.grad_clip,
+                       candidate.learning_rate).item()
+            times.append(time.perf_counter() - t0)
+        return from_rank0(statistics.median(times[1:]), procs, device)  # every process picks rank 0's shape
+
+    return seconds_per_iter
+
+
+def fit_to_budget(cfg, tok, device, dtype, procs):
+    """With size_to_budget: (cfg with the shape the rule picks for max_seconds here, said in one line;
+    the seconds that took, out of the budget). A resumed run keeps the choice it recorded; fine-tuning
+    keeps its checkpoint's shape, the learning rate following its width; eval_only changes nothing."""
+    if not cfg.size_to_budget or cfg.eval_only:
+        return cfg, 0.0
+    cfg = replace(cfg, vocab_size=tok.vocab_size)  # the parameters the fit counts include the embedding
+    if cfg.init_from != "scratch":
+        path, hint = checkpoint_to_load(cfg)
+        checkpoint = load_checkpoint(path, "cpu", hint=hint)
+        if cfg.init_from == "resume":
+            return as_chosen_before(cfg, checkpoint.get("config", {})), 0.0
+        width = checkpoint["model_args"]["n_embd"]
+        given = (*cfg.given_settings, "n_head")  # the checkpoint's heads are its own
+        return replace(cfg, **derived_settings(width, cfg.optimizer, given)), 0.0
+    timer = step_timer(split_file(cfg, "train"), tok.vocab_size, device, dtype, procs)
+    # every process reads rank 0's clock, as it takes rank 0's times: all make the same choices
+    cfg, line, spent = sized_for_budget(cfg, timer, clock=lambda: from_rank0(time.perf_counter(), procs, device))
+    if line and procs.master:
+        print(line)
+    return cfg, spent
+
+
+def build_optimizer(model, cfg, device):
+    return model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
+                                      torch.device(device).type, optimizer=cfg.optimizer,
+                                      muon_dtype=newton_schulz_dtype(device))
 
 
 # The model the steps run
@@ -206,7 +277,8 @@ class TrainingClock:
 
     def out_of_budget(self):
         cfg, progress = self.cfg, self.progress
-        return progress.iter_num >= cfg.max_iters or (self.timed and progress.train_seconds >= cfg.max_seconds)
+        return progress.iter_num >= cfg.max_iters or \
+            (self.timed and progress.train_seconds >= cfg.max_seconds - progress.sizing_seconds)
 
     def count_step(self, loss, t0, log):
         """Count the step that started at t0 (and has just raised iter_num); returns its seconds."""
@@ -295,6 +367,7 @@ def train(cfg):
     dtype = select_dtype(cfg.dtype, device)
     ctx = autocast_context(device, dtype)  # mixed precision: matmuls in dtype, weights in float32
     tok = load_dataset(cfg, procs, device)
+    cfg, sizing_seconds = fit_to_budget(cfg, tok, device, dtype, procs)  # first: it draws random numbers
     torch.manual_seed(cfg.seed + procs.rank)  # dropout differs per process
     data_rng = np.random.default_rng(cfg.seed)  # the same in every process: see TrainBatches
     cfg, raw_model, checkpoint = init_model(cfg, tok, device)
@@ -303,12 +376,9 @@ def train(cfg):
         return evaluate_only(raw_model, cfg, device, ctx, procs)
 
     with out_dir_claimed(cfg, procs, device):  # only now: a run refused above leaves nothing behind
-        device_type = torch.device(device).type
-        optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
-                                                   device_type, optimizer=cfg.optimizer,
-                                                   muon_dtype=newton_schulz_dtype(device))
-        scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))  # float16 needs one
-        progress = Progress(schedule_seconds=cfg.max_seconds)
+        optimizer = build_optimizer(raw_model, cfg, device)
+        scaler = torch.amp.GradScaler(torch.device(device).type, enabled=(dtype == "float16"))  # float16 needs one
+        progress = Progress(schedule_seconds=cfg.max_seconds - sizing_seconds, sizing_seconds=sizing_seconds)
         if cfg.init_from == "resume":
             restore_training_state(checkpoint, raw_model, optimizer, scaler, data_rng, device, procs.rank)
             progress = Progress.from_checkpoint(checkpoint)

@@ -9,7 +9,7 @@ from dataset import TrainBatches
 
 def test_bench_times_every_path_and_prints_one_table(capsys):
     cfg = BenchConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=2, device="cpu", dtype="float32",
-                      steps=2, rounds=1, sample_tokens=20, num_samples=3)
+                      steps=2, rounds=1, sample_tokens=20, num_samples=3, sizes=False)
     variants = bench(cfg)
     assert [v.name for v in variants] == ["this repo", "+ Muon, RoPE", "nanoGPT path"]
     assert [v.optimizer_name for v in variants] == ["fused AdamW", "Muon+fused AdamW", "AdamW"]
@@ -30,6 +30,22 @@ def test_bench_times_every_path_and_prints_one_table(capsys):
     assert ("float32 for 3 samples (weights packed)" in out) == CAN_PACK
 
 
+def test_bench_prints_the_shapes_the_cpu_recipe_would_train_here(capsys, monkeypatch):
+    """The measurement train.py sizes its model by (two small candidates here, timed for real), and
+    the choice for each budget of the README's rows."""
+    import sizing
+    monkeypatch.setattr(sizing, "SHAPES", ((1, 64), (2, 64)))
+    assert bench(BenchConfig(device="cpu", sizes_only=True)) == []
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "the CPU recipe (python train.py config/train_shakespeare_char_cpu.py --max_seconds=S) would train here:"
+    rows = [line.split(": ", 1) for line in out[1:]]
+    assert [name.strip() for name, _ in rows] == ["100 s", "5 min", "10 min"]
+    sizes = [1 if text.startswith("1 x 64, 2 heads") else 2 for _, text in rows]
+    assert all(text.startswith(("1 x 64, 2 heads", "2 x 64, 2 heads")) and " ms/iter, about " in text
+               and "predicted val loss" in text for _, text in rows)
+    assert sizes == sorted(sizes)  # a longer budget never gets a smaller model
+
+
 def test_cpu_is_named():
     name = cpu_name()
     assert isinstance(name, str) and (name or not sys.platform.startswith("linux"))
@@ -38,7 +54,7 @@ def test_cpu_is_named():
 def test_bench_times_the_position_encoding_asked_for_and_refuses_model_type(capsys):
     from configurator import ConfigError, configure
     cfg = BenchConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=2, device="cpu", steps=1, rounds=1,
-                      sample_tokens=5, num_samples=2, pos_encoding="sinusoidal", recipe=False)
+                      sample_tokens=5, num_samples=2, pos_encoding="sinusoidal", recipe=False, sizes=False)
     variants = bench(cfg)
     assert [v.pos_encoding for v in variants] == ["sinusoidal", "learned"]  # nanoGPT's path: learned only
     assert variants[0].model.config.pos_encoding == "sinusoidal"

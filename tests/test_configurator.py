@@ -50,6 +50,17 @@ def test_shipped_configs_load():
     assert cpu.out_dir == "out-shakespeare-char-cpu"
 
 
+def test_the_settings_given_are_recorded():
+    """For settings that follow others unless given (sizing.py): the keys of the config files and the
+    command line, whatever their values (--n_layer=6 is given, though 6 is the default)."""
+    cfg = configure(TrainConfig, [f"{REPO}/config/train_shakespeare_char_cpu.py", "--n_layer=6"])
+    assert {"n_layer", "batch_size", "size_to_budget"} <= set(cfg.given_settings)
+    assert "n_embd" not in cfg.given_settings and cfg.n_layer == 6 == TrainConfig.n_layer
+    assert configure(TrainConfig, []).given_settings == ()
+    with pytest.raises(ConfigError, match="'--given_settings' is not a setting here"):
+        configure(TrainConfig, ["--given_settings=('n_layer',)"])
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--batch_sise=3"], "unknown config key '--batch_sise'; did you mean 'batch_size'"),
     (["--batch_size=3.5"], "batch_size must be int, got 3.5"),

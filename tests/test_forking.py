@@ -20,9 +20,10 @@ USE = "        x = self.transformer.ln_f(x)\n"
 
 
 def fork_with_an_idea(root):
-    """A copy of the repo's scripts under root, its model.py given the field hidden_gain."""
+    """A copy of the repo's scripts and configs under root, its model.py given the field hidden_gain."""
     for path in glob.glob(os.path.join(REPO, "*.py")):
         shutil.copy(path, root)
+    shutil.copytree(os.path.join(REPO, "config"), os.path.join(root, "config"))
     model_py = os.path.join(root, "model.py")
     with open(model_py) as f:
         source = f.read()
@@ -72,4 +73,4 @@ def test_an_idea_added_in_model_py_alone_works_in_every_script(tmp_path):
 
     run(root, "bench.py", "--hidden_gain=2.0", "--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=16",
         "--batch_size=2", "--steps=1", "--rounds=1", "--sample_tokens=4", "--num_samples=2", "--compare=False",
-        "--recipe=False", "--device=cpu")
+        "--recipe=False", "--sizes=False", "--device=cpu")

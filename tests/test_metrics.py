@@ -104,7 +104,8 @@ def test_the_run_records_its_config(tiny_cfg, capsys):
     train(tiny_cfg)
     with open(os.path.join(tiny_cfg.out_dir, "config.json")) as f:
         recorded = json.load(f)
-    assert recorded == dataclasses.asdict(dataclasses.replace(tiny_cfg, vocab_size=recorded["vocab_size"]))
+    as_json = json.dumps(dataclasses.asdict(dataclasses.replace(tiny_cfg, vocab_size=recorded["vocab_size"])))
+    assert recorded == json.loads(as_json)  # every setting (tuples as JSON lists)
     assert recorded["vocab_size"] == len(set(TINY_TEXT))  # the dataset's, not the default
     line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("config: "))
     assert "batch_size=8" in line and "n_layer=2" in line and "beta1" not in line  # only what differs

@@ -332,30 +332,27 @@ def test_a_bpe_dataset_trains_resumes_exactly_and_reports_bits_per_character(tin
     assert float(row["val_bpc"]) == pytest.approx(float(row["val_loss"]) * len(val) / val_chars / math.log(2), rel=1e-5)
 
 
-@pytest.mark.parametrize("name, overrides, seconds, shape, learning_rate, mtp_weight", [
-    ("train_shakespeare_char_cpu.py", [], 100, (4, 96, 128), 1e-2, 0.3),
-    ("train_shakespeare_char_cpu_long.py", [], 300, (6, 128, 128), 7e-3, 0.3),  # 5 minutes
-    ("train_shakespeare_char_cpu_long.py", ["--max_seconds=600"], 600, (6, 128, 128), 7e-3, 0.3),  # 10 minutes
-])
-def test_cpu_recipes_stop_on_time_evaluate_rarely_and_keep_the_best(tiny_data, tmp_path, capsys, monkeypatch, name,
-                                                                    overrides, seconds, shape, learning_rate,
-                                                                    mtp_weight):
-    path = os.path.join(REPO, "config", name)
+@pytest.mark.parametrize("overrides, seconds", [([], 100), (["--max_seconds=300"], 300), (["--max_seconds=600"], 600)])
+def test_the_cpu_recipe_stops_on_time_evaluates_rarely_and_keeps_the_best(tiny_data, tmp_path, capsys, monkeypatch,
+                                                                          overrides, seconds):
+    path = os.path.join(REPO, "config", "train_shakespeare_char_cpu.py")
     cfg = configure(TrainConfig, [path, *overrides])
     assert cfg.max_seconds == seconds and cfg.max_iters >= 1_000_000  # the clock ends the run
-    assert cfg.optimizer == "muon" and cfg.learning_rate == learning_rate  # the rates the search chose
-    assert (cfg.n_layer, cfg.n_embd, cfg.block_size) == shape and cfg.batch_size * cfg.block_size == 2048
+    assert cfg.size_to_budget and cfg.optimizer == "muon"  # the shape and learning rate: sizing.py's
+    assert cfg.block_size == 128 and cfg.batch_size * cfg.block_size == 2048 and cfg.mtp_weight == 0.3
     assert cfg.eval_interval >= 500 and not cfg.always_save_checkpoint and cfg.device == "cpu"
-    assert cfg.out_dir == "out-shakespeare-char-cpu" + name[len("train_shakespeare_char_cpu"):-3].replace("_", "-")
-    # the whole recipe, on the tiny dataset for a moment of its budget
+    assert cfg.out_dir == "out-shakespeare-char-cpu"
+    # the whole recipe, on the tiny dataset for a moment of its budget (the 100-second shape, given)
     cfg = configure(TrainConfig, [path, *overrides, f"--data_dir={tiny_data}", "--dataset=tiny", "--max_seconds=0.5",
-                                  "--eval_iters=1", "--eval_interval=5", f"--out_dir={tmp_path / 'out'}"])
+                                  "--eval_iters=1", "--eval_interval=5", f"--out_dir={tmp_path / 'out'}",
+                                  "--n_layer=4", "--n_embd=96"])
     use_fake_clock(monkeypatch, tick=1 / 64)  # every step 1/64 s: the budget of 0.5 s is 32 steps
     train(cfg)
     assert "trained 32 iterations in 0.5 s of training time" in capsys.readouterr().out
     ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))  # the best eval's model
-    assert ckpt["val_loss"] == ckpt["best_val_loss"] and ckpt["model_args"]["n_layer"] == shape[0]
-    assert ckpt["model_args"].get("mtp_weight", 0.0) == mtp_weight
+    assert ckpt["val_loss"] == ckpt["best_val_loss"] and ckpt["model_args"]["n_layer"] == 4
+    assert ckpt["model_args"]["mtp_weight"] == 0.3 and ckpt["model_args"]["n_head"] == 3  # sizing.py's heads
+    assert ckpt["config"]["learning_rate"] == 1e-2  # and learning rate, for that width
 
 
 def test_the_enwik8_recipe_has_the_literatures_shape_and_trains(tiny_data, tmp_path):

@@ -1,6 +1,7 @@
 """Long runs: exact resume, signals, kill -9 during saves, torchrun."""
 import csv
 import dataclasses
+import json
 import os
 import shutil
 import signal
@@ -203,6 +204,24 @@ def test_torchrun_two_processes_match_one(tiny_cfg):
     # same batches, same global batch: only the order of floating-point sums differs
     assert max(abs(x - y) for (_, x), (_, y) in zip(a, b)) < 1e-4
     assert abs(float(r.stdout.rsplit("whole val split:", 1)[1].split()[0]) - one["val_full"]) < 1e-4
+
+
+def test_torchrun_sizes_the_model_once_for_all_processes(tiny_cfg):
+    """Every process measures, takes rank 0's times and budget, and so trains the same shape for as long."""
+    args = [a for a in cli_args(tiny_cfg) if a.split("=")[0] not in ("--n_layer", "--n_embd", "--n_head",
+                                                                       "--learning_rate", "--max_seconds")]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        os.path.join(REPO, "train.py"), *args, "--size_to_budget=True", "--max_seconds=1",
+                        "--eval_interval=1000", "--gradient_accumulation_steps=2"], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("sized for 1 s: ") == 1 and "processes: 2" in r.stdout
+    with open(os.path.join(tiny_cfg.out_dir, "config.json")) as f:
+        saved = json.load(f)
+    checkpoint = load_checkpoint(os.path.join(tiny_cfg.out_dir, "ckpt.pt"))
+    assert 0 < checkpoint["sizing_seconds"] < 1 and saved["max_seconds"] == 1
+    shape = [checkpoint["model_args"][k] for k in ("n_layer", "n_embd", "n_head")]
+    assert shape == [saved[k] for k in ("n_layer", "n_embd", "n_head")] and f"sized for 1 s: {shape[0]} x {shape[1]}" \
+        in r.stdout  # the shape the line names is the one trained and recorded
 
 
 def children(pid):

@@ -1,0 +1,200 @@
+"""
+The budget-to-shape rule: the model that trains best on this machine in --max_seconds.
+
+    python train.py config/train_shakespeare_char_cpu.py --max_seconds=300
+
+A bigger model learns more per step but takes fewer steps in the same time, and which wins depends on
+how fast this machine runs each shape. So the rule measures that, then predicts:
+1. Candidates: the shapes of SHAPES, smallest first, with any shape setting the user gave in their
+   place (--n_layer=6 leaves the rule the width to choose). Heads are HEAD_SIZE channels each and the
+   learning rate follows the width (derived_settings), unless given.
+2. Measure a few training steps of each candidate on this machine (train.py's step_timer): its
+   seconds per iteration, hence the iterations, and tokens, the budget affords it.
+3. Predict each candidate's val loss from its parameters and tokens (predicted_loss, a fit to the
+   timed runs of docs/experiments.md, "The budget-to-shape rule") and train the lowest.
+Bigger candidates are only measured while one could still beat the best so far, which keeps the
+measurement to a few seconds; that time comes out of the budget.
+"""
+
+import csv
+import sys
+import time
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+from configurator import ConfigError
+from model import GPTConfig, build_model
+
+# (n_layer, n_embd), smallest first: each is slower per step than the one before it
+SHAPES = ((4, 64), (4, 96), (4, 128), (6, 128), (6, 192), (8, 256), (8, 384))
+HEAD_SIZE = 32  # channels per attention head
+# what the rule sets; n_head and learning_rate follow n_embd (derived_settings), the rest is measured
+CHOSEN = ("n_layer", "n_embd", "n_head", "learning_rate")
+
+# The fitted loss: L(N, D) = E + A / N^alpha + B / D^beta, N the parameters in millions, D the
+# training tokens in millions (docs/experiments.md, "The budget-to-shape rule", has the runs and the fit)
+E, A, ALPHA, B, BETA = 1.3814, 0.0245, 0.97, 0.2562, 1.14
+MEASURE_SHARE = 0.05  # past this share of the budget, measuring stops (with at least one candidate)
+
+
+def derived_settings(n_embd, optimizer, given):
+    """The settings that follow the width, those the user did not give: about HEAD_SIZE channels a
+    head, and a learning rate that falls as the model widens (Muon's 1e-2 suits 96 wide, 7e-3 about
+    128; AdamW takes a fifth of Muon's)."""
+    even_heads = [h for h in range(1, n_embd + 1) if n_embd % h == 0 and (n_embd // h) % 2 == 0]
+    n_head = min(even_heads, key=lambda h: abs(h - n_embd / HEAD_SIZE), default=1)
+    peak = 1e-2 if optimizer == "muon" else 2e-3
+    derived = {"n_head": n_head, "learning_rate": peak * min(1.0, 96 / n_embd)}
+    return {k: v for k, v in derived.items() if k not in given}
+
+
+def predicted_loss(params_m, tokens_m):
+    """The val loss the fit predicts for a model of params_m million parameters trained on tokens_m
+    million tokens."""
+    return E + A / params_m ** ALPHA + B / tokens_m ** BETA
+
+
+def model_params_m(cfg):
+    """The parameters, in millions, of the model cfg describes (built on the meta device: no memory)."""
+    with torch.device("meta"):
+        return build_model(GPTConfig.from_settings(cfg)).get_num_params() / 1e6
+
+
+def candidate_settings(cfg):
+    """The settings of each candidate: a shape of SHAPES with the settings the user gave in its place,
+    and the heads and learning rate that follow its width; smallest first, each once, the shapes that
+    a given n_head does not divide (or splits into odd heads, for rotary positions) left out."""
+    found = []
+    for n_layer, n_embd in SHAPES:
+        shape = {"n_layer": n_layer, "n_embd": n_embd}
+        settings = {k: v for k, v in shape.items() if k not in cfg.given_settings}
+        width = settings.get("n_embd", cfg.n_embd)
+        settings.update(derived_settings(width, cfg.optimizer, cfg.given_settings))
+        heads = settings.get("n_head", cfg.n_head)
+        odd_heads = cfg.pos_encoding == "rope" and (width // heads) % 2
+        if width % heads == 0 and not odd_heads and settings not in found:
+            found.append(settings)
+    if not found:  # only a given n_head can do this
+        widths = f"n_embd={cfg.n_embd}" if "n_embd" in cfg.given_settings else \
+            f"any width sizing.py tries ({', '.join(str(c) for c in sorted({c for _, c in SHAPES}))})"
+        raise ConfigError(f"n_head={cfg.n_head} does not split {widths} into heads of an even size; "
+                          f"give another --n_head, or leave it out")
+    return found
+
+
+def candidates(cfg):
+    """cfg with each candidate's settings (candidate_settings), smallest first."""
+    return [replace(cfg, **settings) for settings in candidate_settings(cfg)]
+
+
+@dataclass
+class Choice:
+    """A candidate, what the measurement found and what the fit predicts for it."""
+    cfg: object
+    seconds_per_iter: float
+    iters: int
+    params_m: float
+    loss: float
+
+    def shape(self):
+        return f"{self.cfg.n_layer} x {self.cfg.n_embd}"
+
+
+def choose(cfg, seconds_per_iter, budget_seconds, out_of_time=lambda: False):
+    """The candidate predicted to reach the lowest val loss in budget_seconds, given
+    seconds_per_iter(candidate cfg), the measurement, until out_of_time(). Returns (the best Choice,
+    every Choice measured)."""
+    tokens_per_iter = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
+    pending = [(c, model_params_m(c)) for c in candidates(cfg)]
+    measured, slowest = [], 0.0
+    for i, (candidate, params_m) in enumerate(pending):
+        best = min(measured, key=lambda c: c.loss, default=None)
+        if best:
+            if out_of_time():
+                break
+            # a bigger candidate is no faster than the slowest measured: the most tokens it could get
+            most_iters = int(budget_seconds / slowest)
+            if most_iters == 0 or all(predicted_loss(p, most_iters * tokens_per_iter / 1e6) >= best.loss
+                                      for _, p in pending[i:]):
+                break
+        seconds = seconds_per_iter(candidate)
+        slowest = max(slowest, seconds)
+        iters = int(budget_seconds / seconds)
+        loss = predicted_loss(params_m, iters * tokens_per_iter / 1e6) if iters else float("inf")
+        measured.append(Choice(candidate, seconds, iters, params_m, loss))
+    best = min(measured, key=lambda c: c.loss)
+    if best.iters == 0:
+        raise ConfigError(f"max_seconds={budget_seconds:g} is shorter than one step of the smallest model "
+                          f"({best.shape()}: {best.seconds_per_iter:.2f} s); give a longer budget")
+    return best, measured
+
+
+def sized_for_budget(cfg, seconds_per_iter, clock=time.perf_counter):
+    """(cfg with the rule's shape for its max_seconds, the line that says what was chosen and why, the
+    seconds the measurement took: they come out of the budget). Where the given settings leave one
+    candidate, there is nothing to choose or measure: (that candidate, None, 0.0)."""
+    only = candidates(cfg)
+    if len(only) == 1:
+        return only[0], None, 0.0
+    t0 = clock()
+    best, measured = choose(cfg, seconds_per_iter, cfg.max_seconds,
+                            out_of_time=lambda: clock() - t0 > MEASURE_SHARE * cfg.max_seconds)
+    spent = clock() - t0
+    left = max(cfg.max_seconds - spent, 0.0)
+    line = (f"sized for {cfg.max_seconds:g} s: {best.shape()} ({best.params_m:.2f}M parameters, {best.cfg.n_head} "
+            f"heads, learning rate {best.cfg.learning_rate:.2g}), about {int(left / best.seconds_per_iter):,} "
+            f"iterations, predicted val loss {best.loss:.2f}; measured ms/iter: "
+            + ", ".join(f"{c.shape()} {c.seconds_per_iter * 1e3:.0f}" for c in measured)
+            + f", in {spent:.1f} s of the budget")
+    return best.cfg, line, spent
+
+
+def as_chosen_before(cfg, saved):
+    """cfg with the choice a run recorded (its checkpoint's config), for --init_from=resume: the rule's
+    settings the user did not give are taken from it, so that the run goes on with the same model."""
+    return replace(cfg, **{k: saved[k] for k in CHOSEN if k in saved and k not in cfg.given_settings})
+
+
+def shapes_for_budgets(cfg, seconds_per_iter, budgets):
+    """{budget: best Choice} for each of budgets (seconds), as train.py would choose (each candidate
+    measured once): for bench.py."""
+    cache = {}
+
+    def cached(candidate):
+        key = (candidate.n_layer, candidate.n_embd, candidate.n_head)
+        if key not in cache:
+            cache[key] = seconds_per_iter(candidate)
+        return cache[key]
+
+    return {b: choose(replace(cfg, max_seconds=b), cached, b)[0] for b in budgets}
+
+
+# The fit behind predicted_loss: `python sizing.py docs/sizing_runs.csv` prints its constants
+
+def fit_loss(runs):
+    """(E, A, ALPHA, B, BETA) of predicted_loss's form fitted to runs, rows of (params_m, tokens_m,
+    val_loss): least squares for E, A and B (none negative) at each exponent pair of a grid, the
+    best pair kept. Returns them with the root-mean-square error."""
+    params, tokens, loss = (np.array(column, dtype=float) for column in zip(*runs))
+    best = None
+    for alpha in np.arange(0.05, 1.5, 0.01):
+        for beta in np.arange(0.05, 1.5, 0.01):
+            features = np.stack([np.ones_like(loss), params ** -alpha, tokens ** -beta], axis=1)
+            coef = np.linalg.lstsq(features, loss, rcond=None)[0]
+            error = float(np.sqrt(np.mean((features @ coef - loss) ** 2)))
+            if coef.min() >= 0 and (best is None or error < best[-1]):
+                best = (*coef[:2], alpha, coef[2], beta, error)
+    return tuple(round(float(x), 4) for x in best)
+
+
+def read_runs(path):
+    """The rows of a runs file (columns params_m, tokens_m, val_loss and any others) as fit_loss takes them."""
+    with open(path, newline="") as f:
+        return [(float(r["params_m"]), float(r["tokens_m"]), float(r["val_loss"])) for r in csv.DictReader(f)]
+
+
+if __name__ == "__main__":
+    *constants, rms = fit_loss(read_runs(sys.argv[1]))
+    print("E, A, ALPHA, B, BETA = " + ", ".join(f"{c:g}" for c in constants) + f"  # RMS error {rms:.4f}")

@@ -1,0 +1,218 @@
+"""The budget-to-shape rule (sizing.py) and train.py's use of it: what it chooses, what it measures,
+what it keeps of the user's settings, and what a run records of its choice."""
+
+import json
+import os
+from dataclasses import replace
+
+import pytest
+
+import sizing
+from configurator import ConfigError, configure
+from checkpoint import load_checkpoint
+from helpers import REPO, run_in_process, use_fake_clock
+from sizing import SHAPES, candidates, choose, derived_settings, model_params_m, predicted_loss, sized_for_budget
+from train import TrainConfig, train
+
+CPU_RECIPE = os.path.join(REPO, "config", "train_shakespeare_char_cpu.py")
+
+
+def recipe(*overrides):
+    return configure(TrainConfig, [CPU_RECIPE, *overrides])
+
+
+def machine(flops_per_second, overhead=0.0, measured=None):
+    """A stub measurement: the seconds an iteration of each candidate takes on a machine that runs
+    flops_per_second, after a fixed overhead a step (a GPU's kernel launches); records what it measured."""
+    def seconds_per_iter(candidate):
+        if measured is not None:
+            measured.append((candidate.n_layer, candidate.n_embd))
+        tokens = candidate.batch_size * candidate.block_size
+        return overhead + 6 * model_params_m(candidate) * 1e6 * tokens / flops_per_second
+    return seconds_per_iter
+
+
+def test_the_fit_falls_with_parameters_and_tokens():
+    for params_m in (0.2, 0.5, 1.0, 5.0):
+        losses = [predicted_loss(params_m, t) for t in (1, 2, 4, 8, 16)]
+        assert losses == sorted(losses, reverse=True)
+    for tokens_m in (1, 4, 16):
+        losses = [predicted_loss(p, tokens_m) for p in (0.2, 0.5, 1.0, 5.0)]
+        assert losses == sorted(losses, reverse=True)
+
+
+def test_heads_and_learning_rate_follow_the_width_unless_given():
+    cfg = recipe()
+    assert cfg.size_to_budget and "n_embd" not in cfg.given_settings
+    shapes = [(c.n_embd, c.n_head, c.learning_rate) for c in candidates(cfg)]
+    assert shapes[:4] == [(64, 2, 1e-2), (96, 3, 1e-2), (128, 4, 7.5e-3), (128, 4, 7.5e-3)]
+    assert {(c.n_head, c.learning_rate) for c in candidates(recipe("--n_head=2", "--learning_rate=3e-3"))} == {(2, 3e-3)}
+    assert derived_settings(128, "muon", ("n_head",)) == {"learning_rate": 7.5e-3}
+    assert derived_settings(96, "adamw", ()) == {"n_head": 3, "learning_rate": 2e-3}  # the rate AdamW took here
+    assert derived_settings(100, "muon", ())["n_head"] == 2  # 50 channels: the nearest count that divides it evenly
+    # settings given to a config built in code are kept as they are: nothing is derived behind them
+    assert (replace(cfg, n_layer=6, n_embd=384, n_head=6).n_head, replace(cfg, learning_rate=1e-3).learning_rate) \
+        == (6, 1e-3)
+
+
+def test_bad_settings_for_sizing_are_refused_in_one_line():
+    with pytest.raises(ConfigError, match=r"n_head=5 does not split any width sizing.py tries \(64, 96, 128, 192"):
+        recipe("--n_head=5")
+    with pytest.raises(ConfigError, match="n_head=3 does not split n_embd=100 into heads of an even size"):
+        recipe("--n_embd=100", "--n_head=3")
+    with pytest.raises(ConfigError, match=r"min_lr must be between 0 and learning_rate \(0.0025, the lowest sizing"):
+        recipe("--min_lr=3e-3")
+    with pytest.raises(ConfigError, match="dropout must be in"):
+        recipe("--dropout=2.0")
+
+
+def test_the_choice_grows_with_the_budget_and_the_machine_speed():
+    rates = (5e9, 2e10, 8e10, 3e11)  # a slow laptop core to a fast desktop
+    budgets = (30, 100, 300, 600, 1800, 3600)
+    chosen = {(r, b): model_params_m(choose(recipe(f"--max_seconds={b}"), machine(r), b)[0].cfg)
+              for r in rates for b in budgets}
+    for r in rates:
+        sizes = [chosen[r, b] for b in budgets]
+        assert sizes == sorted(sizes)
+    for b in budgets:
+        sizes = [chosen[r, b] for r in rates]
+        assert sizes == sorted(sizes)
+    assert chosen[rates[0], 30] < chosen[rates[-1], 3600]  # the range is used, not one shape for all
+
+
+def test_only_candidates_that_could_win_are_measured_and_the_choice_is_the_best():
+    cfg, measured = recipe(), []
+    best, timed = choose(cfg, machine(2e10, measured=measured), 100)
+    assert len(measured) < len(SHAPES)  # the big ones could not have won: they were not run
+    every = [c for c in candidates(cfg)]
+    tokens = [100 / machine(2e10)(c) * 2048 / 1e6 for c in every]
+    losses = [predicted_loss(model_params_m(c), t) for c, t in zip(every, tokens)]
+    assert (best.cfg.n_layer, best.cfg.n_embd) == (every[losses.index(min(losses))].n_layer,
+                                                   every[losses.index(min(losses))].n_embd)
+    assert [(c.cfg.n_layer, c.cfg.n_embd) for c in timed] == measured
+
+
+def test_a_gpu_gets_the_biggest_model_its_speed_pays_for():
+    """A GPU runs small models at the cost of launching its kernels: their steps take about the same
+    time, so the tokens are the same and the bigger model wins; on a CPU the step grows with the model."""
+    cfg = recipe("--max_seconds=300", "--device=cuda")
+    gpu, _ = choose(cfg, machine(2e13, overhead=0.01), 300)
+    cpu, _ = choose(recipe("--max_seconds=300"), machine(2e10), 300)
+    assert (gpu.cfg.n_layer, gpu.cfg.n_embd) == SHAPES[-1]
+    assert model_params_m(cpu.cfg) < model_params_m(gpu.cfg)
+
+
+def test_given_shape_settings_win_and_the_rule_chooses_the_rest():
+    deep = choose(recipe("--n_layer=6"), machine(2e10), 300)[1]
+    assert {c.cfg.n_layer for c in deep} == {6} and len({c.cfg.n_embd for c in deep}) > 1
+    wide = [c for c in candidates(recipe("--n_embd=128"))]
+    assert {c.n_embd for c in wide} == {128} and [c.n_layer for c in wide] == [4, 6, 8]
+    assert {c.learning_rate for c in candidates(recipe("--learning_rate=3e-3"))} == {3e-3}
+    assert {c.n_embd % 3 for c in candidates(recipe("--n_head=3", "--n_embd=96"))} == {0}
+    fixed = candidates(recipe("--n_layer=3", "--n_embd=80", "--n_head=5"))
+    assert [(c.n_layer, c.n_embd, c.n_head) for c in fixed] == [(3, 80, 5)]
+
+
+def test_a_budget_is_needed():
+    with pytest.raises(ConfigError, match="max_seconds must be > 0 with size_to_budget"):
+        recipe("--max_seconds=0")
+
+
+def test_settings_that_leave_one_shape_are_not_measured():
+    cfg = recipe("--n_layer=3", "--n_embd=80", "--n_head=5")
+    only = replace(cfg, learning_rate=1e-2)  # the rate that follows the width, not given
+    assert sized_for_budget(cfg, lambda c: pytest.fail("measured")) == (only, None, 0.0)
+
+
+def test_the_measurement_stops_at_its_share_of_the_budget_and_refuses_a_budget_shorter_than_a_step():
+    measured = []
+    best, _ = choose(recipe(), machine(2e10, measured=measured), 100, out_of_time=lambda: True)
+    assert measured == [SHAPES[0]] and (best.cfg.n_layer, best.cfg.n_embd) == SHAPES[0]
+    with pytest.raises(ConfigError, match=r"max_seconds=0.01 is shorter than one step of the smallest model \(4 x 64"):
+        choose(recipe(), machine(1e9), 0.01)
+
+
+def test_the_measurement_comes_out_of_the_budget():
+    readings = iter([10.0])  # the clock reads 10.0 before measuring, 12.5 at every reading after
+    cfg, line, spent = sized_for_budget(recipe(), machine(2e10), clock=lambda: next(readings, 12.5))
+    assert spent == 2.5 and cfg.max_seconds == 100  # the run's Progress takes the 2.5 s off (train.py)
+    assert line.startswith("sized for 100 s: ") and "in 2.5 s of the budget" in line
+    assert f"{cfg.n_layer} x {cfg.n_embd}" in line.split(";")[0]
+
+
+@pytest.fixture
+def two_small_shapes(monkeypatch):
+    """Two small candidates, measured for real, and all the time they take: a run on the fake clock
+    has a budget of a second or less, where the measurement's usual share would not cover two."""
+    monkeypatch.setattr(sizing, "SHAPES", ((1, 32), (2, 64)))
+    monkeypatch.setattr(sizing, "MEASURE_SHARE", 1.0)
+
+
+def sized_run(tiny_data, out_dir, *overrides):
+    return recipe(f"--data_dir={tiny_data}", "--dataset=tiny", "--eval_iters=1", "--eval_interval=10",
+                  f"--out_dir={out_dir}", *overrides)
+
+
+def test_train_sizes_the_model_records_the_choice_and_resumes_it(tiny_data, tmp_path, monkeypatch, capsys, two_small_shapes):
+    use_fake_clock(monkeypatch, tick=1 / 64)  # every reading of the clock 1/64 s after the last
+    cfg = sized_run(tiny_data, tmp_path / "out", "--max_seconds=0.5")
+    train(cfg)
+    out = capsys.readouterr().out
+    # the rule reads the clock, both candidates take 3 steps of 2 readings with one more between them (is
+    # the time up?), and the rule reads it again: 14 ticks
+    assert "sized for 0.5 s: 2 x 64 (" in out and "measured ms/iter: 1 x 32 16, 2 x 64 16, in 0.2 s" in out
+    with open(tmp_path / "out" / "config.json") as f:
+        saved = json.load(f)
+    assert (saved["n_layer"], saved["n_embd"], saved["n_head"], saved["learning_rate"]) == (2, 64, 2, 1e-2)
+    assert saved["max_seconds"] == 0.5 and "n_layer" not in saved["given_settings"]
+    assert "trained 18 iterations in 0.3 s" in out  # (0.5 - 14/64) s of 1/64 s steps
+    assert load_checkpoint(str(tmp_path / "out" / "ckpt.pt"))["sizing_seconds"] == 14 / 64
+    # the same command resumes the same model, without measuring again, to a longer budget
+    train(replace(cfg, init_from="resume", max_seconds=1.0))
+    out = capsys.readouterr().out
+    assert "sized for" not in out and "trained 50 iterations in 0.8 s" in out  # (1.0 - 14/64) s
+    with open(tmp_path / "out" / "config.json") as f:
+        assert json.load(f)["n_layer"] == 2
+
+
+def test_a_stopped_sized_run_resumes_to_the_budget_it_was_sized_for(tiny_data, tmp_path, monkeypatch, capsys,
+                                                                    two_small_shapes):
+    """The measurement's seconds stay out of the budget after a resume: the run ends where an
+    uninterrupted one does, not 14 ticks later."""
+    use_fake_clock(monkeypatch, tick=1 / 64)
+    cfg = sized_run(tiny_data, tmp_path / "out", "--max_seconds=0.5", "--always_save_checkpoint=True")
+    train(replace(cfg, max_iters=10))  # stopped early, as by Ctrl-C
+    train(replace(cfg, init_from="resume"))
+    assert "trained 18 iterations in 0.3 s" in capsys.readouterr().out
+
+
+def test_a_sized_run_trains_as_the_same_shape_given_by_hand(tiny_data, tmp_path, monkeypatch, capsys,
+                                                            two_small_shapes):
+    """Measuring draws random numbers and runs steps: none of that reaches the run it sizes."""
+    use_fake_clock(monkeypatch, tick=1 / 64)
+    sized = train(sized_run(tiny_data, tmp_path / "a", "--max_seconds=0.5"))
+    use_fake_clock(monkeypatch, tick=1 / 64)
+    by_hand = train(sized_run(tiny_data, tmp_path / "b", f"--max_seconds={0.5 - 14 / 64}", "--n_layer=2",
+                              "--n_embd=64", "--size_to_budget=False", "--n_head=2", "--learning_rate=1e-2"))
+    assert sized["val_full"] == by_hand["val_full"] and sized["val"] == by_hand["val"]
+
+
+def test_fine_tuning_keeps_the_checkpoint_shape_and_its_width_sets_the_learning_rate(tiny_data, tmp_path,
+                                                                                     monkeypatch, capsys):
+    use_fake_clock(monkeypatch, tick=1 / 64)
+    train(sized_run(tiny_data, tmp_path / "a", "--max_seconds=0.25", "--n_layer=1", "--n_embd=128", "--n_head=8"))
+    capsys.readouterr()
+    train(sized_run(tiny_data, tmp_path / "b", "--max_seconds=0.25", f"--init_from={tmp_path / 'a'}"))
+    assert "sized for" not in capsys.readouterr().out
+    with open(tmp_path / "b" / "config.json") as f:
+        saved = json.load(f)
+    assert (saved["n_layer"], saved["n_embd"], saved["n_head"], saved["learning_rate"]) == (1, 128, 8, 7.5e-3)
+
+
+def test_the_command_line_says_what_was_chosen(tiny_data, tmp_path, monkeypatch, two_small_shapes):
+    result = run_in_process("train.py", CPU_RECIPE, f"--data_dir={tiny_data}", "--dataset=tiny", "--max_seconds=1",
+                            "--n_layer=1", "--eval_iters=1", f"--out_dir={tmp_path / 'out'}")
+    assert result.returncode == 0, result.stderr
+    assert "sized for 1 s: 1 x " in result.stdout
+    bad = run_in_process("train.py", CPU_RECIPE, "--max_seconds=0", f"--out_dir={tmp_path / 'bad'}")
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "size_to_budget" in bad.stderr
