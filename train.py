@@ -11,6 +11,7 @@ Each other concern has a module of its own: dataset.py (token files, batches), e
 checkpoint.py, out_dir.py, files.py (safe writes, signals), device.py, metrics.py (logs).
 """
 
+import importlib
 import inspect
 import math
 import os
@@ -153,6 +154,7 @@ def step_timer(tokens, vocab_size, device, dtype, procs=Processes(), steps=2):
     each candidate would cost more than it tells)."""
     ctx = autocast_context(device, dtype)
     scaler = torch.amp.GradScaler(torch.device(device).type, enabled=(dtype == "float16"))
+    importlib.import_module("torch._dynamo")  # the first optimizer imports it (seconds, once): not the shapes' time
 
     def seconds_per_iter(candidate):
         torch.manual_seed(candidate.seed)

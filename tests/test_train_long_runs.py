@@ -212,7 +212,7 @@ def test_torchrun_sizes_the_model_once_for_all_processes(tiny_cfg):
                                                                        "--learning_rate", "--max_seconds")]
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         os.path.join(REPO, "train.py"), *args, "--size_to_budget=True", "--max_seconds=1",
-                        "--eval_interval=1000", "--gradient_accumulation_steps=2"], capture_output=True, text=True, timeout=300, cwd=REPO)
+                        "--eval_interval=1000", "--gradient_accumulation_steps=2", "--always_save_checkpoint=True"], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("sized for 1 s: ") == 1 and "processes: 2" in r.stdout
     with open(os.path.join(tiny_cfg.out_dir, "config.json")) as f:
