@@ -249,13 +249,15 @@ class Progress:
     # the budget the learning rate schedule is laid over: the first run's max_seconds, so that a
     # resumed run with a larger budget goes on at min_lr instead of rewinding the schedule
     schedule_seconds: float = 0.0
-    sizing_seconds: float = 0.0  # what measuring for size_to_budget took, out of max_seconds (sizing.py)
+    # of max_seconds, what is not for training: size_to_budget's measurement, and the rest of the budget
+    # where the model it picks would only learn the text by heart (sizing.py)
+    set_aside_seconds: float = 0.0
 
     @classmethod
     def from_checkpoint(cls, checkpoint):
         schedule = checkpoint.get("schedule_seconds", checkpoint.get("config", {}).get("max_seconds", 0.0))
         return cls(checkpoint["iter_num"], float(checkpoint["best_val_loss"]), checkpoint.get("train_seconds", 0.0),
-                   schedule, checkpoint.get("sizing_seconds", 0.0))
+                   schedule, checkpoint.get("set_aside_seconds", 0.0))
 
 
 def training_checkpoint(model, optimizer, scaler, progress, cfg, tok, rng, val_loss):
@@ -268,7 +270,7 @@ def training_checkpoint(model, optimizer, scaler, progress, cfg, tok, rng, val_l
         "iter_num": progress.iter_num,
         "train_seconds": progress.train_seconds,
         "schedule_seconds": progress.schedule_seconds,
-        "sizing_seconds": progress.sizing_seconds,
+        "set_aside_seconds": progress.set_aside_seconds,
         "best_val_loss": progress.best_val_loss,
         "val_loss": val_loss,
         "config": asdict(cfg),

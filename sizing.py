@@ -6,14 +6,16 @@ The budget-to-shape rule: the model that trains best on this machine in --max_se
 A bigger model learns more per step but takes fewer steps in the same time, and which wins depends on
 how fast this machine runs each shape. So the rule measures that, then predicts:
 1. Candidates: the shapes of SHAPES, smallest first, with any shape setting the user gave in their
-   place (--n_layer=6 leaves the rule the width to choose). Heads are HEAD_SIZE channels each and the
-   learning rate follows the width (derived_settings), unless given.
+   place (--n_layer=6 leaves the rule the width to choose). Heads are about HEAD_SIZE channels each
+   and the learning rate follows the width (derived_settings), unless given.
 2. Measure a few training steps of each candidate on this machine (train.py's step_timer): its
    seconds per iteration, hence the iterations, and tokens, the budget affords it.
-3. Predict each candidate's val loss from its parameters and tokens (predicted_loss, a fit to the
-   timed runs of docs/experiments.md, "The budget-to-shape rule") and train the lowest.
+3. Predict each candidate's val loss from its parameters and tokens (predicted_loss, a fit to runs
+   of 0.2-2.7M parameters over up to 16M tokens: docs/experiments.md, "The budget-to-shape rule")
+   and train the lowest. Where that model would start to learn the text by heart before the budget
+   ends (best_tokens_m), the run ends there instead.
 Bigger candidates are only measured while one could still beat the best so far, which keeps the
-measurement to a few seconds; that time comes out of the budget.
+measurement to a second or two; that time comes out of the budget.
 """
 
 import csv
@@ -33,9 +35,12 @@ HEAD_SIZE = 32  # channels per attention head
 # what the rule sets; n_head and learning_rate follow n_embd (derived_settings), the rest is measured
 CHOSEN = ("n_layer", "n_embd", "n_head", "learning_rate")
 
-# The fitted loss: L(N, D) = E + A / N^alpha + B / D^beta, N the parameters in millions, D the
-# training tokens in millions (docs/experiments.md, "The budget-to-shape rule", has the runs and the fit)
-E, A, ALPHA, B, BETA = 1.3814, 0.0245, 0.97, 0.2562, 1.14
+# The fitted loss: L(N, D) = E + A / N^ALPHA + B / D^BETA + C * N * D, N the parameters in millions,
+# D the training tokens in millions. The first three terms are Chinchilla's form: what no model of
+# this kind learns, what a bigger model learns more of, what more tokens teach. The last is
+# memorising: a 1 MB text seen many times, and the more parameters the sooner, is learnt by heart and
+# the val loss turns up (docs/experiments.md, "The budget-to-shape rule", has the runs and the fit).
+E, A, ALPHA, B, BETA, C = 1.184528, 0.140548, 0.35, 0.317078, 0.77, 0.004855
 MEASURE_SHARE = 0.05  # past this share of the budget, measuring stops (with at least one candidate)
 
 
@@ -51,9 +56,17 @@ def derived_settings(n_embd, optimizer, given):
 
 
 def predicted_loss(params_m, tokens_m):
-    """The val loss the fit predicts for a model of params_m million parameters trained on tokens_m
-    million tokens."""
-    return E + A / params_m ** ALPHA + B / tokens_m ** BETA
+    """The val loss the fit predicts for a run of a model of params_m million parameters given the time
+    for tokens_m million tokens. Past its best_tokens_m the loss would rise, and the rule ends such a
+    run there (sized_for_budget): no model is predicted worse for a longer budget."""
+    tokens_m = min(tokens_m, best_tokens_m(params_m))
+    return E + A / params_m ** ALPHA + B / tokens_m ** BETA + C * params_m * tokens_m
+
+
+def best_tokens_m(params_m):
+    """Where more tokens stop paying for a model of params_m million parameters: where the fit's
+    learning from tokens (B / D^BETA, falling) and its memorising (C * N * D, rising) balance."""
+    return (BETA * B / (C * params_m)) ** (1 / (BETA + 1))
 
 
 def model_params_m(cfg):
@@ -133,8 +146,9 @@ def choose(cfg, seconds_per_iter, budget_seconds, out_of_time=lambda: False):
 
 def sized_for_budget(cfg, seconds_per_iter, clock=time.perf_counter):
     """(cfg with the rule's shape for its max_seconds, the line that says what was chosen and why, the
-    seconds the measurement took: they come out of the budget). Where the given settings leave one
-    candidate, there is nothing to choose or measure: (that candidate, None, 0.0)."""
+    seconds of the budget set aside: the measurement's, and where the chosen model reaches its
+    best_tokens_m before the budget ends, the rest, so that the run ends there, its schedule over).
+    Where the given settings leave one candidate, there is nothing to choose or measure: (it, None, 0.0)."""
     only = candidates(cfg)
     if len(only) == 1:
         return only[0], None, 0.0
@@ -143,12 +157,17 @@ def sized_for_budget(cfg, seconds_per_iter, clock=time.perf_counter):
                             out_of_time=lambda: clock() - t0 > MEASURE_SHARE * cfg.max_seconds)
     spent = clock() - t0
     left = max(cfg.max_seconds - spent, 0.0)
+    tokens_per_iter = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
+    enough = best_tokens_m(best.params_m) * 1e6 / tokens_per_iter * best.seconds_per_iter  # seconds
+    train_seconds = min(left, enough)
     line = (f"sized for {cfg.max_seconds:g} s: {best.shape()} ({best.params_m:.2f}M parameters, {best.cfg.n_head} "
-            f"heads, learning rate {best.cfg.learning_rate:.2g}), about {int(left / best.seconds_per_iter):,} "
+            f"heads, learning rate {best.cfg.learning_rate:.2g}), about {int(train_seconds / best.seconds_per_iter):,} "
             f"iterations, predicted val loss {best.loss:.2f}; measured ms/iter: "
             + ", ".join(f"{c.shape()} {c.seconds_per_iter * 1e3:.0f}" for c in measured)
-            + f", in {spent:.1f} s of the budget")
-    return best.cfg, line, spent
+            + f", in {spent:.1f} s of the budget"
+            + (f"; training stops after {train_seconds:.0f} s, where more steps would only learn the text by heart"
+               if train_seconds < left else ""))
+    return best.cfg, line, cfg.max_seconds - train_seconds
 
 
 def as_chosen_before(cfg, saved):
@@ -174,19 +193,20 @@ def shapes_for_budgets(cfg, seconds_per_iter, budgets):
 # The fit behind predicted_loss: `python sizing.py docs/sizing_runs.csv` prints its constants
 
 def fit_loss(runs):
-    """(E, A, ALPHA, B, BETA) of predicted_loss's form fitted to runs, rows of (params_m, tokens_m,
-    val_loss): least squares for E, A and B (none negative) at each exponent pair of a grid, the
-    best pair kept. Returns them with the root-mean-square error."""
+    """(E, A, ALPHA, B, BETA, C) of predicted_loss's form (without the best_tokens_m cap: each run's
+    own last loss) fitted to runs, rows of (params_m, tokens_m, val_loss): least squares for E, A, B
+    and C (none negative) at each exponent pair of a grid, the best pair kept; with the fit's
+    root-mean-square error last."""
     params, tokens, loss = (np.array(column, dtype=float) for column in zip(*runs))
     best = None
     for alpha in np.arange(0.05, 1.5, 0.01):
         for beta in np.arange(0.05, 1.5, 0.01):
-            features = np.stack([np.ones_like(loss), params ** -alpha, tokens ** -beta], axis=1)
+            features = np.stack([np.ones_like(loss), params ** -alpha, tokens ** -beta, params * tokens], axis=1)
             coef = np.linalg.lstsq(features, loss, rcond=None)[0]
             error = float(np.sqrt(np.mean((features @ coef - loss) ** 2)))
             if coef.min() >= 0 and (best is None or error < best[-1]):
-                best = (*coef[:2], alpha, coef[2], beta, error)
-    return tuple(round(float(x), 4) for x in best)
+                best = (coef[0], coef[1], alpha, coef[2], beta, coef[3], error)
+    return tuple(round(float(x), 6) for x in best)
 
 
 def read_runs(path):
@@ -197,4 +217,4 @@ def read_runs(path):
 
 if __name__ == "__main__":
     *constants, rms = fit_loss(read_runs(sys.argv[1]))
-    print("E, A, ALPHA, B, BETA = " + ", ".join(f"{c:g}" for c in constants) + f"  # RMS error {rms:.4f}")
+    print("E, A, ALPHA, B, BETA, C = " + ", ".join(repr(c) for c in constants) + f"  # RMS error {rms:.4f}")

@@ -177,8 +177,9 @@ def step_timer(tokens, vocab_size, device, dtype, procs=Processes(), steps=2):
 
 def fit_to_budget(cfg, tok, device, dtype, procs):
     """With size_to_budget: (cfg with the shape the rule picks for max_seconds here, said in one line;
-    the seconds that took, out of the budget). A resumed run keeps the choice it recorded; fine-tuning
-    keeps its checkpoint's shape, the learning rate following its width; eval_only changes nothing."""
+    the seconds of the budget not for training: the measurement's, and the rest where the model would
+    only overfit). A resumed run keeps the choice it recorded; fine-tuning keeps its checkpoint's shape,
+    the learning rate following its width; eval_only changes nothing."""
     if not cfg.size_to_budget or cfg.eval_only:
         return cfg, 0.0
     cfg = replace(cfg, vocab_size=tok.vocab_size)  # the parameters the fit counts include the embedding
@@ -192,10 +193,10 @@ def fit_to_budget(cfg, tok, device, dtype, procs):
         return replace(cfg, **derived_settings(width, cfg.optimizer, given)), 0.0
     timer = step_timer(split_file(cfg, "train"), tok.vocab_size, device, dtype, procs)
     # every process reads rank 0's clock, as it takes rank 0's times: all make the same choices
-    cfg, line, spent = sized_for_budget(cfg, timer, clock=lambda: from_rank0(time.perf_counter(), procs, device))
+    cfg, line, set_aside = sized_for_budget(cfg, timer, clock=lambda: from_rank0(time.perf_counter(), procs, device))
     if line and procs.master:
         print(line)
-    return cfg, spent
+    return cfg, set_aside
 
 
 def build_optimizer(model, cfg, device):
@@ -280,7 +281,7 @@ class TrainingClock:
     def out_of_budget(self):
         cfg, progress = self.cfg, self.progress
         return progress.iter_num >= cfg.max_iters or \
-            (self.timed and progress.train_seconds >= cfg.max_seconds - progress.sizing_seconds)
+            (self.timed and progress.train_seconds >= cfg.max_seconds - progress.set_aside_seconds)
 
     def count_step(self, loss, t0, log):
         """Count the step that started at t0 (and has just raised iter_num); returns its seconds."""
@@ -369,7 +370,7 @@ def train(cfg):
     dtype = select_dtype(cfg.dtype, device)
     ctx = autocast_context(device, dtype)  # mixed precision: matmuls in dtype, weights in float32
     tok = load_dataset(cfg, procs, device)
-    cfg, sizing_seconds = fit_to_budget(cfg, tok, device, dtype, procs)  # first: it draws random numbers
+    cfg, set_aside_seconds = fit_to_budget(cfg, tok, device, dtype, procs)  # first: it draws random numbers
     torch.manual_seed(cfg.seed + procs.rank)  # dropout differs per process
     data_rng = np.random.default_rng(cfg.seed)  # the same in every process: see TrainBatches
     cfg, raw_model, checkpoint = init_model(cfg, tok, device)
@@ -380,7 +381,7 @@ def train(cfg):
     with out_dir_claimed(cfg, procs, device):  # only now: a run refused above leaves nothing behind
         optimizer = build_optimizer(raw_model, cfg, device)
         scaler = torch.amp.GradScaler(torch.device(device).type, enabled=(dtype == "float16"))  # float16 needs one
-        progress = Progress(schedule_seconds=cfg.max_seconds - sizing_seconds, sizing_seconds=sizing_seconds)
+        progress = Progress(schedule_seconds=cfg.max_seconds - set_aside_seconds, set_aside_seconds=set_aside_seconds)
         if cfg.init_from == "resume":
             restore_training_state(checkpoint, raw_model, optimizer, scaler, data_rng, device, procs.rank)
             progress = Progress.from_checkpoint(checkpoint)

@@ -218,7 +218,7 @@ def test_torchrun_sizes_the_model_once_for_all_processes(tiny_cfg):
     with open(os.path.join(tiny_cfg.out_dir, "config.json")) as f:
         saved = json.load(f)
     checkpoint = load_checkpoint(os.path.join(tiny_cfg.out_dir, "ckpt.pt"))
-    assert 0 < checkpoint["sizing_seconds"] < 1 and saved["max_seconds"] == 1
+    assert 0 < checkpoint["set_aside_seconds"] < 1 and saved["max_seconds"] == 1
     shape = [checkpoint["model_args"][k] for k in ("n_layer", "n_embd", "n_head")]
     assert shape == [saved[k] for k in ("n_layer", "n_embd", "n_head")] and f"sized for 1 s: {shape[0]} x {shape[1]}" \
         in r.stdout  # the shape the line names is the one trained and recorded
