@@ -189,9 +189,10 @@ def recipe_sizes(cfg, device, dtype, tokens):
 def report_sizes(sizes):
     print("the CPU recipe (python train.py config/train_shakespeare_char_cpu.py --max_seconds=S) would train here:")
     for name, c in sizes.items():
+        stop = " (stopped there: past it the model would learn the text by heart)" if c.best_iters() < c.iters else ""
         print(f"  {name:>6}: {c.shape()}, {c.cfg.n_head} heads ({c.params_m:.2f}M parameters, learning rate "
-              f"{c.cfg.learning_rate:.2g}): {c.seconds_per_iter * 1e3:.0f} ms/iter, about {c.iters:,} iterations, "
-              f"predicted val loss {c.loss:.2f}")
+              f"{c.cfg.learning_rate:.2g}): {c.seconds_per_iter * 1e3:.0f} ms/iter, about "
+              f"{min(c.iters, c.best_iters()):,} iterations{stop}, predicted val loss {c.loss:.2f}")
 
 
 def bench(cfg):

@@ -114,6 +114,11 @@ class Choice:
     def shape(self):
         return f"{self.cfg.n_layer} x {self.cfg.n_embd}"
 
+    def best_iters(self):
+        """The iterations where the model reaches its best_tokens_m: where the rule ends its run."""
+        tokens_per_iter = self.cfg.batch_size * self.cfg.block_size * self.cfg.gradient_accumulation_steps
+        return int(best_tokens_m(self.params_m) * 1e6 / tokens_per_iter)
+
 
 def choose(cfg, seconds_per_iter, budget_seconds, out_of_time=lambda: False):
     """The candidate predicted to reach the lowest val loss in budget_seconds, given
@@ -157,9 +162,7 @@ def sized_for_budget(cfg, seconds_per_iter, clock=time.perf_counter):
                             out_of_time=lambda: clock() - t0 > MEASURE_SHARE * cfg.max_seconds)
     spent = clock() - t0
     left = max(cfg.max_seconds - spent, 0.0)
-    tokens_per_iter = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
-    enough = best_tokens_m(best.params_m) * 1e6 / tokens_per_iter * best.seconds_per_iter  # seconds
-    train_seconds = min(left, enough)
+    train_seconds = min(left, best.best_iters() * best.seconds_per_iter)
     line = (f"sized for {cfg.max_seconds:g} s: {best.shape()} ({best.params_m:.2f}M parameters, {best.cfg.n_head} "
             f"heads, learning rate {best.cfg.learning_rate:.2g}), about {int(train_seconds / best.seconds_per_iter):,} "
             f"iterations, predicted val loss {best.loss:.2f}; measured ms/iter: "
