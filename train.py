@@ -114,7 +114,7 @@ class TrainConfig(GPTConfig, DeviceSettings):
                   f"greater than warmup_iters ({self.warmup_iters})")
         check(self.max_seconds >= 0, "max_seconds", self.max_seconds, ">= 0 (0: no time limit)")
         check(self.max_seconds > 0 or not self.size_to_budget, "max_seconds", self.max_seconds,
-              "> 0 with size_to_budget=True: the budget the model is sized for")
+              "> 0 with size_to_budget=True, the budget the model is sized for (or give --size_to_budget=False)")
         check(self.out_dir != "", "out_dir", self.out_dir, "a folder name")
         check_dataset_name("dataset", self.dataset)
         check_choice("optimizer", self.optimizer, ("adamw", "muon"))
