@@ -36,7 +36,7 @@ from evaluate import estimate_loss, evaluate_only, final_val_loss, show_sample
 from files import StopSignals
 from metrics import TrainingLog, plot_metrics, start_wandb
 from model import GPTConfig, build_model
-from out_dir import out_dir_claimed
+from out_dir import out_dir_claimed, refuse_to_replace_a_trained_run
 from prepare_shakespeare import DEFAULT_DATASET, check_dataset_name
 from sizing import as_chosen_before, candidate_settings, derived_settings, sized_for_budget
 from speedups import speed_up_training
@@ -191,6 +191,8 @@ def fit_to_budget(cfg, tok, device, dtype, procs):
         width = checkpoint["model_args"]["n_embd"]
         given = (*cfg.given_settings, "n_head")  # the checkpoint's heads are its own
         return replace(cfg, **derived_settings(width, cfg.optimizer, given)), 0.0
+    if not cfg.overwrite:
+        refuse_to_replace_a_trained_run(cfg)  # now, not after seconds of measuring
     timer = step_timer(split_file(cfg, "train"), tok.vocab_size, device, dtype, procs)
     # every process reads rank 0's clock, as it takes rank 0's times: all make the same choices
     cfg, line, set_aside = sized_for_budget(cfg, timer, clock=lambda: from_rank0(time.perf_counter(), procs, device))

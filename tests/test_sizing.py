@@ -221,6 +221,17 @@ def test_fine_tuning_keeps_the_checkpoint_shape_and_its_width_sets_the_learning_
     assert (saved["n_layer"], saved["n_embd"], saved["n_head"], saved["learning_rate"]) == (1, 128, 8, 7.5e-3)
 
 
+def test_a_run_that_would_replace_a_trained_one_is_refused_before_measuring(tiny_data, tmp_path, monkeypatch,
+                                                                          capsys, two_small_shapes):
+    import train as train_module
+    use_fake_clock(monkeypatch, tick=1 / 64)
+    cfg = sized_run(tiny_data, tmp_path / "out", "--max_seconds=0.5")
+    train(cfg)
+    monkeypatch.setattr(train_module, "step_timer", lambda *a, **k: pytest.fail("measured before refusing"))
+    with pytest.raises(ConfigError, match="holds a trained run"):
+        train(cfg)
+
+
 def test_the_command_line_says_what_was_chosen(tiny_data, tmp_path, monkeypatch, two_small_shapes):
     result = run_in_process("train.py", CPU_RECIPE, f"--data_dir={tiny_data}", "--dataset=tiny", "--max_seconds=1",
                             "--n_layer=1", "--eval_iters=1", f"--out_dir={tmp_path / 'out'}")
