@@ -69,6 +69,11 @@ def best_tokens_m(params_m):
     return (BETA * B / (C * params_m)) ** (1 / (BETA + 1))
 
 
+def tokens_per_iter(cfg):
+    """The tokens one optimizer step trains on (all processes together)."""
+    return cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
+
+
 def model_params_m(cfg):
     """The parameters, in millions, of the model cfg describes (built on the meta device: no memory)."""
     with torch.device("meta"):
@@ -116,15 +121,14 @@ class Choice:
 
     def best_iters(self):
         """The iterations where the model reaches its best_tokens_m: where the rule ends its run."""
-        tokens_per_iter = self.cfg.batch_size * self.cfg.block_size * self.cfg.gradient_accumulation_steps
-        return int(best_tokens_m(self.params_m) * 1e6 / tokens_per_iter)
+        return int(best_tokens_m(self.params_m) * 1e6 / tokens_per_iter(self.cfg))
 
 
 def choose(cfg, seconds_per_iter, budget_seconds, out_of_time=lambda: False):
     """The candidate predicted to reach the lowest val loss in budget_seconds, given
     seconds_per_iter(candidate cfg), the measurement, until out_of_time(). Returns (the best Choice,
     every Choice measured)."""
-    tokens_per_iter = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
+    tokens_m_per_iter = tokens_per_iter(cfg) / 1e6
     pending = [(c, model_params_m(c)) for c in candidates(cfg)]
     measured, slowest = [], 0.0
     for i, (candidate, params_m) in enumerate(pending):
@@ -134,13 +138,13 @@ def choose(cfg, seconds_per_iter, budget_seconds, out_of_time=lambda: False):
                 break
             # a bigger candidate is no faster than the slowest measured: the most tokens it could get
             most_iters = int(budget_seconds / slowest)
-            if most_iters == 0 or all(predicted_loss(p, most_iters * tokens_per_iter / 1e6) >= best.loss
+            if most_iters == 0 or all(predicted_loss(p, most_iters * tokens_m_per_iter) >= best.loss
                                       for _, p in pending[i:]):
                 break
         seconds = seconds_per_iter(candidate)
         slowest = max(slowest, seconds)
         iters = int(budget_seconds / seconds)
-        loss = predicted_loss(params_m, iters * tokens_per_iter / 1e6) if iters else float("inf")
+        loss = predicted_loss(params_m, iters * tokens_m_per_iter) if iters else float("inf")
         measured.append(Choice(candidate, seconds, iters, params_m, loss))
     best = min(measured, key=lambda c: c.loss)
     if best.iters == 0:

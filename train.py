@@ -38,7 +38,7 @@ from metrics import TrainingLog, plot_metrics, start_wandb
 from model import GPTConfig, build_model
 from out_dir import out_dir_claimed, refuse_to_replace_a_trained_run
 from prepare_shakespeare import DEFAULT_DATASET, check_dataset_name
-from sizing import as_chosen_before, candidate_settings, derived_settings, sized_for_budget
+from sizing import as_chosen_before, candidate_settings, derived_settings, sized_for_budget, tokens_per_iter
 from speedups import speed_up_training
 
 
@@ -326,8 +326,8 @@ def save_and_stop(cfg, progress, save, stop):
                       f"{progress.iter_num}; saved {path}; continue with --init_from=resume")
 
 
-def report_start(model, cfg, tokens_per_iter, dtype, device, procs):
-    print(f"parameters: {model.get_num_params() / 1e6:.2f}M | tokens per iteration: {tokens_per_iter:,} | "
+def report_start(model, cfg, step_tokens, dtype, device, procs):
+    print(f"parameters: {model.get_num_params() / 1e6:.2f}M | tokens per iteration: {step_tokens:,} | "
           f"device: {device} | dtype: {describe_dtype(cfg.dtype, dtype, device)}"
           + (f" | processes: {procs.world_size}" if procs.world_size > 1 else ""))
 
@@ -390,7 +390,7 @@ def train(cfg):
         checkpoint = None  # free its memory
         compiled = use_compile(cfg.compile, device)
         model = prepare_model(raw_model, compiled, device, procs)  # raw_model: the same weights, to save and sample
-        tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
+        step_tokens = tokens_per_iter(cfg)
         batches = TrainBatches(split_file(cfg, "train"), cfg.batch_size, cfg.block_size, micro_steps, data_rng,
                                device, procs)
 
@@ -402,12 +402,12 @@ def train(cfg):
 
         wandb_run = on_rank0(lambda: start_wandb(cfg) if cfg.wandb_log else None, procs, device)
         if procs.master:
-            report_start(raw_model, cfg, tokens_per_iter, dtype, device, procs)
+            report_start(raw_model, cfg, step_tokens, dtype, device, procs)
         # MFU: this process's FLOPs per iteration against its device's peak, measured in the run's dtype
-        flops = raw_model.flops_per_token() * tokens_per_iter / procs.world_size
+        flops = raw_model.flops_per_token() * step_tokens / procs.world_size
         peak = matmul_peak_flops(device, dtype) if procs.master else 1.0
         clock, start_iter = TrainingClock(cfg, progress, compiled, procs, device), progress.iter_num
-        with StopSignals() as stop, TrainingLog(cfg, progress, tokens_per_iter, flops, peak, procs.master,
+        with StopSignals() as stop, TrainingLog(cfg, progress, step_tokens, flops, peak, procs.master,
                                                 wandb_run, bits_per_char_scales(cfg)) as log:
             while True:
                 done = clock.out_of_budget()  # every process holds rank 0's clock, so all agree
