@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from configurator import as_config_error, check, configure, run_main
-from sizing import shapes_for_budgets
+from sizing import best_iters, shapes_for_budgets
 from device import (DeviceSettings, autocast_context, describe_dtype, matmul_peak_flops, newton_schulz_dtype,
                     reuse_freed_memory, select_device, select_dtype, select_sampling_dtype, synchronize, use_compile)
 from model import GPT, GPTConfig
@@ -189,10 +189,12 @@ def recipe_sizes(cfg, device, dtype, tokens):
 def report_sizes(sizes):
     print("the CPU recipe (python train.py config/train_shakespeare_char_cpu.py --max_seconds=S) would train here:")
     for name, c in sizes.items():
-        stop = " (stopped there: past it the model would learn the text by heart)" if c.best_iters() < c.iters else ""
+        stop = best_iters(c.cfg, c.params_m)
+        iters = f"{stop:,} iterations (its best: more would learn the text by heart)" if stop < c.iters else \
+            f"about {c.iters:,} iterations"
         print(f"  {name:>6}: {c.shape()}, {c.cfg.n_head} heads ({c.params_m:.2f}M parameters, learning rate "
-              f"{c.cfg.learning_rate:.2g}): {c.seconds_per_iter * 1e3:.0f} ms/iter, about "
-              f"{min(c.iters, c.best_iters()):,} iterations{stop}, predicted val loss {c.loss:.2f}")
+              f"{c.cfg.learning_rate:.2g}): {c.seconds_per_iter * 1e3:.0f} ms/iter, {iters}, "
+              f"predicted val loss {c.loss:.2f}")
 
 
 def bench(cfg):

@@ -249,8 +249,7 @@ class Progress:
     # the budget the learning rate schedule is laid over: the first run's max_seconds, so that a
     # resumed run with a larger budget goes on at min_lr instead of rewinding the schedule
     schedule_seconds: float = 0.0
-    # of max_seconds, what is not for training: size_to_budget's measurement, and the rest of the budget
-    # where the model it picks would only learn the text by heart (sizing.py)
+    # of max_seconds, what is not for training: size_to_budget's measurement (sizing.py)
     set_aside_seconds: float = 0.0
 
     @classmethod

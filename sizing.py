@@ -69,6 +69,20 @@ def best_tokens_m(params_m):
     return (BETA * B / (C * params_m)) ** (1 / (BETA + 1))
 
 
+def best_iters(cfg, params_m=None):
+    """The iterations where the model cfg describes (of params_m million parameters) reaches its
+    best_tokens_m."""
+    params_m = model_params_m(cfg) if params_m is None else params_m
+    return int(best_tokens_m(params_m) * 1e6 / tokens_per_iter(cfg))
+
+
+def with_stop(cfg, params_m=None):
+    """cfg ending at its model's best_iters at most: a sized run ends there or where its budget does,
+    whichever comes first, its schedule complete either way (train.py's lr_now). An iteration count, not
+    seconds, so that the stop does not move with the noise of a few measured steps."""
+    return replace(cfg, max_iters=min(cfg.max_iters, best_iters(cfg, params_m)))
+
+
 def tokens_per_iter(cfg):
     """The tokens one optimizer step trains on (all processes together)."""
     return cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
@@ -119,10 +133,6 @@ class Choice:
     def shape(self):
         return f"{self.cfg.n_layer} x {self.cfg.n_embd}"
 
-    def best_iters(self):
-        """The iterations where the model reaches its best_tokens_m: where the rule ends its run."""
-        return int(best_tokens_m(self.params_m) * 1e6 / tokens_per_iter(self.cfg))
-
 
 def choose(cfg, seconds_per_iter, budget_seconds, out_of_time=lambda: False):
     """The candidate predicted to reach the lowest val loss in budget_seconds, given
@@ -154,33 +164,34 @@ def choose(cfg, seconds_per_iter, budget_seconds, out_of_time=lambda: False):
 
 
 def sized_for_budget(cfg, seconds_per_iter, clock=time.perf_counter):
-    """(cfg with the rule's shape for its max_seconds, the line that says what was chosen and why, the
-    seconds of the budget set aside: the measurement's, and where the chosen model reaches its
-    best_tokens_m before the budget ends, the rest, so that the run ends there, its schedule over).
-    Where the given settings leave one candidate, there is nothing to choose or measure: (it, None, 0.0)."""
+    """(cfg with the rule's shape for its max_seconds and its stop (with_stop), the line that says what
+    was chosen and why, the seconds the measurement took, which come out of the budget). Where the given
+    settings leave one candidate, there is nothing to choose or measure: (it, None, 0.0)."""
     only = candidates(cfg)
     if len(only) == 1:
-        return only[0], None, 0.0
+        return with_stop(only[0]), None, 0.0
     t0 = clock()
     best, measured = choose(cfg, seconds_per_iter, cfg.max_seconds,
                             out_of_time=lambda: clock() - t0 > MEASURE_SHARE * cfg.max_seconds)
     spent = clock() - t0
-    left = max(cfg.max_seconds - spent, 0.0)
-    train_seconds = min(left, best.best_iters() * best.seconds_per_iter)
+    chosen = with_stop(best.cfg, best.params_m)
+    iters_left = min(int(max(cfg.max_seconds - spent, 0.0) / best.seconds_per_iter), cfg.max_iters)
     line = (f"sized for {cfg.max_seconds:g} s: {best.shape()} ({best.params_m:.2f}M parameters, {best.cfg.n_head} "
-            f"heads, learning rate {best.cfg.learning_rate:.2g}), about {int(train_seconds / best.seconds_per_iter):,} "
-            f"iterations, predicted val loss {best.loss:.2f}; measured ms/iter: "
+            f"heads, learning rate {best.cfg.learning_rate:.2g}), "
+            + (f"{chosen.max_iters:,} iterations (about {chosen.max_iters * best.seconds_per_iter:.0f} s): more "
+               f"would only learn the text by heart" if chosen.max_iters < iters_left
+               else f"about {iters_left:,} iterations")
+            + f", predicted val loss {best.loss:.2f}; measured ms/iter: "
             + ", ".join(f"{c.shape()} {c.seconds_per_iter * 1e3:.0f}" for c in measured)
-            + f", in {spent:.1f} s of the budget"
-            + (f"; training stops after {train_seconds:.0f} s, where more steps would only learn the text by heart"
-               if train_seconds < left else ""))
-    return best.cfg, line, cfg.max_seconds - train_seconds
+            + f", in {spent:.1f} s of the budget")
+    return chosen, line, spent
 
 
 def as_chosen_before(cfg, saved):
     """cfg with the choice a run recorded (its checkpoint's config), for --init_from=resume: the rule's
-    settings the user did not give are taken from it, so that the run goes on with the same model."""
-    return replace(cfg, **{k: saved[k] for k in CHOSEN if k in saved and k not in cfg.given_settings})
+    settings the user did not give are taken from it, so that the run goes on with the same model, to
+    the same stop."""
+    return with_stop(replace(cfg, **{k: saved[k] for k in CHOSEN if k in saved and k not in cfg.given_settings}))
 
 
 def shapes_for_budgets(cfg, seconds_per_iter, budgets):

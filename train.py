@@ -140,9 +140,12 @@ def get_lr(it, cfg):
 
 
 def lr_now(progress, cfg):
-    """The schedule over iterations, or laid over the time budget (the run's position in seconds)."""
+    """The schedule over iterations, or laid over the time budget: then the run's position is its share
+    of the budget's seconds or of max_iters, whichever is further on, so that the schedule ends with
+    whichever ends the run (sizing.py ends a run on an iteration count where more would overfit)."""
     if progress.schedule_seconds > 0:
-        return get_lr(progress.train_seconds / progress.schedule_seconds * cfg.lr_decay_iters, cfg)
+        position = max(progress.train_seconds / progress.schedule_seconds, progress.iter_num / cfg.max_iters)
+        return get_lr(position * cfg.lr_decay_iters, cfg)
     return get_lr(progress.iter_num, cfg)
 
 
@@ -176,9 +179,9 @@ def step_timer(tokens, vocab_size, device, dtype, procs=Processes(), steps=2):
 
 
 def fit_to_budget(cfg, tok, device, dtype, procs):
-    """With size_to_budget: (cfg with the shape the rule picks for max_seconds here, said in one line;
-    the seconds of the budget not for training: the measurement's, and the rest where the model would
-    only overfit). A resumed run keeps the choice it recorded; fine-tuning keeps its checkpoint's shape,
+    """With size_to_budget: (cfg with the shape the rule picks for max_seconds here, said in one line,
+    and max_iters where the model would only overfit past it; the seconds of the budget the measurement
+    took, not for training). A resumed run keeps the choice it recorded; fine-tuning keeps its checkpoint's shape,
     the learning rate following its width; eval_only changes nothing."""
     if not cfg.size_to_budget or cfg.eval_only:
         return cfg, 0.0

@@ -1,6 +1,7 @@
 """The budget-to-shape rule (sizing.py) and train.py's use of it: what it chooses, what it measures,
 what it keeps of the user's settings, and what a run records of its choice."""
 
+import csv
 import json
 import os
 from dataclasses import replace
@@ -11,8 +12,8 @@ import sizing
 from configurator import ConfigError, configure
 from checkpoint import load_checkpoint
 from helpers import REPO, run_in_process, use_fake_clock
-from sizing import (SHAPES, best_tokens_m, candidates, choose, derived_settings, fit_loss, model_params_m,
-                    predicted_loss, read_runs, sized_for_budget)
+from sizing import (SHAPES, best_iters, best_tokens_m, candidates, choose, derived_settings, fit_loss,
+                    model_params_m, predicted_loss, read_runs, sized_for_budget, tokens_per_iter)
 from train import TrainConfig, train
 
 CPU_RECIPE = os.path.join(REPO, "config", "train_shakespeare_char_cpu.py")
@@ -106,10 +107,12 @@ def test_a_gpu_gets_the_model_with_the_lowest_floor_and_stops_when_it_is_reached
     the same time, so each could see many times the text in 5 minutes. The rule picks the model whose
     best is lowest and ends the run where it is reached, rather than let it learn the text by heart."""
     cfg = recipe("--max_seconds=300", "--device=cuda")
-    chosen, line, set_aside = sized_for_budget(cfg, machine(2e13, overhead=0.005), clock=lambda: 0.0)
+    chosen, line, _ = sized_for_budget(cfg, machine(2e13, overhead=0.005), clock=lambda: 0.0)
     floors = {(c.n_layer, c.n_embd): predicted_loss(model_params_m(c), 1e9) for c in candidates(cfg)}
     assert (chosen.n_layer, chosen.n_embd) == min(floors, key=floors.get)
-    assert "training stops after" in line and set_aside > 250
+    stop = int(best_tokens_m(model_params_m(chosen)) * 1e6 / tokens_per_iter(chosen))
+    assert chosen.max_iters == stop < 300 / 0.005 / 2  # an iteration count, under half what the budget affords
+    assert f"{stop:,} iterations (about " in line and "more would only learn the text by heart" in line
     cpu, _ = choose(recipe("--max_seconds=300"), machine(2e10), 300)
     assert model_params_m(cpu.cfg) <= model_params_m(chosen)
 
@@ -133,6 +136,7 @@ def test_a_budget_is_needed():
 def test_settings_that_leave_one_shape_are_not_measured():
     cfg = recipe("--n_layer=3", "--n_embd=80", "--n_head=5")
     only = replace(cfg, learning_rate=1e-2)  # the rate that follows the width, not given
+    only = replace(only, max_iters=best_iters(only))  # and, at most, its best iterations
     assert sized_for_budget(cfg, lambda c: pytest.fail("measured")) == (only, None, 0.0)
 
 
@@ -196,6 +200,31 @@ def test_a_stopped_sized_run_resumes_to_the_budget_it_was_sized_for(tiny_data, t
     train(replace(cfg, max_iters=10))  # stopped early, as by Ctrl-C
     train(replace(cfg, init_from="resume"))
     assert "trained 18 iterations in 0.3 s" in capsys.readouterr().out
+
+
+def test_a_sized_run_ends_at_its_best_iterations_its_schedule_complete_and_resumes_to_them(
+        tiny_data, tmp_path, monkeypatch, capsys, two_small_shapes):
+    """Where the budget affords more steps than the model's best (the fit's, made 12 here), the run
+    ends on that iteration count with its learning rate at the end of its cosine, and an interrupted run
+    resumed with a larger budget ends there too."""
+    monkeypatch.setattr(sizing, "best_tokens_m", lambda params_m: 12.5 * 2048 / 1e6)
+    use_fake_clock(monkeypatch, tick=1 / 64)
+    cfg = sized_run(tiny_data, tmp_path / "out", "--max_seconds=1", "--log_interval=1")
+    train(cfg)
+    out = capsys.readouterr().out
+    assert "sized for 1 s: " in out and "12 iterations (about 0 s): more would only learn the text by heart" in out
+    assert "trained 12 iterations in 0.2 s" in out  # of the 50 the budget had left
+    with open(tmp_path / "out" / "metrics.csv") as f:
+        lrs = [float(r["lr"]) for r in csv.DictReader(f) if r["kind"] == "log"]
+    assert len(lrs) == 12 and lrs[-1] < cfg.min_lr + 0.05 * (1e-2 - cfg.min_lr)  # the step at 11/12 of the cosine
+    with open(tmp_path / "out" / "config.json") as f:
+        assert json.load(f)["max_iters"] == 12
+    interrupted = sized_run(tiny_data, tmp_path / "again", "--max_seconds=1", "--always_save_checkpoint=True")
+    train(replace(interrupted, max_iters=5))  # stopped at 5, as by Ctrl-C
+    assert load_checkpoint(str(tmp_path / "again" / "ckpt.pt"))["iter_num"] == 5
+    capsys.readouterr()
+    train(replace(interrupted, init_from="resume", max_seconds=2))
+    assert "trained 12 iterations" in capsys.readouterr().out
 
 
 def test_a_sized_run_trains_as_the_same_shape_given_by_hand(tiny_data, tmp_path, monkeypatch, capsys,

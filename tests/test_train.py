@@ -292,6 +292,19 @@ def test_raising_the_time_budget_on_resume_does_not_rewind_the_schedule(tiny_cfg
     assert len(evals) == len(set(evals))  # no eval row twice at the resume point
 
 
+def test_a_timed_schedule_ends_with_max_iters_where_that_ends_the_run_first(tiny_cfg, monkeypatch):
+    """The schedule is laid over whichever of max_seconds and max_iters ends the run: here the
+    iterations (30 of the budget's 64 steps of 1/64 s), and the cosine is over by the last of them."""
+    use_fake_clock(monkeypatch, tick=1 / 64)
+    cfg = dataclasses.replace(tiny_cfg, max_iters=30, max_seconds=1.0, eval_interval=10_000_000, log_interval=1,
+                              warmup_iters=2)
+    train(cfg)
+    with open(os.path.join(cfg.out_dir, "metrics.csv")) as f:
+        lrs = [float(r["lr"]) for r in csv.DictReader(f) if r["kind"] == "log"]
+    assert len(lrs) == 30 and lrs[2:] == sorted(lrs[2:], reverse=True)  # after the warmup, the cosine
+    assert cfg.min_lr <= lrs[-1] < cfg.min_lr + 0.01 * (cfg.learning_rate - cfg.min_lr)
+
+
 def test_out_of_memory_is_one_line_naming_what_to_lower(tiny_cfg, monkeypatch):
     def exhausted(self, *args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
