@@ -81,7 +81,7 @@ class TrainConfig(GPTConfig, DeviceSettings):
     warmup_iters: int = 100  # iterations of linear warmup
     lr_decay_iters: int = 5000  # the cosine reaches min_lr here (usually max_iters)
     min_lr: float = 1e-4  # the schedule's floor (about learning_rate / 10)
-    max_seconds: float = 0.0  # > 0: stop after this much training time, the schedule laid over it
+    max_seconds: float = 0.0  # > 0: training time to stop at; the schedule ends with it or max_iters, the first
     size_to_budget: bool = False  # pick the shape for max_seconds on this machine by measuring (sizing.py)
     # system (and device, dtype, compile: DeviceSettings, in device.py)
     backend: str = "auto"  # torch.distributed backend: 'auto' is nccl on CUDA, gloo elsewhere
