@@ -169,10 +169,14 @@ def choose(cfg, seconds_per_iter, budget_seconds, out_of_time=lambda: False):
 def sized_for_budget(cfg, seconds_per_iter, clock=time.perf_counter):
     """(cfg with the rule's shape for its max_seconds and its stop (with_stop), the line that says what
     was chosen and why, the seconds the measurement took, which come out of the budget). Where the given
-    settings leave one candidate, there is nothing to choose or measure: (it, None, 0.0)."""
+    settings leave one candidate, there is nothing to choose or measure: (it, the line if it has a
+    stop, else None; 0.0)."""
     only = candidates(cfg)
     if len(only) == 1:
-        return with_stop(only[0]), None, 0.0
+        chosen = with_stop(only[0])
+        return chosen, (f"sized for {cfg.max_seconds:g} s: {chosen.n_layer} x {chosen.n_embd} as given; it stops at "
+                        f"{chosen.max_iters:,} iterations if the budget lasts that long: more would only learn the "
+                        f"text by heart" if chosen.max_iters < cfg.max_iters else None), 0.0
     t0 = clock()
     best, measured = choose(cfg, seconds_per_iter, cfg.max_seconds,
                             out_of_time=lambda: clock() - t0 > MEASURE_SHARE * cfg.max_seconds)

@@ -133,11 +133,15 @@ def test_a_budget_is_needed():
         recipe("--max_seconds=0")
 
 
-def test_settings_that_leave_one_shape_are_not_measured():
+def test_settings_that_leave_one_shape_are_not_measured_and_the_line_gives_its_stop():
     cfg = recipe("--n_layer=3", "--n_embd=80", "--n_head=5")
     only = replace(cfg, learning_rate=1e-2)  # the rate that follows the width, not given
-    only = replace(only, max_iters=best_iters(only))  # and, at most, its best iterations
-    assert sized_for_budget(cfg, lambda c: pytest.fail("measured")) == (only, None, 0.0)
+    stop = best_iters(only)
+    assert sized_for_budget(cfg, lambda c: pytest.fail("measured")) == (
+        replace(only, max_iters=stop), f"sized for 100 s: 3 x 80 as given; it stops at {stop:,} iterations if the "
+                                       f"budget lasts that long: more would only learn the text by heart", 0.0)
+    with_dropout = replace(cfg, dropout=0.1)  # the fit knows nothing of dropout: no stop
+    assert sized_for_budget(with_dropout, pytest.fail) == (replace(with_dropout, learning_rate=1e-2), None, 0.0)
 
 
 def test_the_measurement_stops_at_its_share_of_the_budget_and_refuses_a_budget_shorter_than_a_step():
