@@ -181,8 +181,8 @@ def step_timer(tokens, vocab_size, device, dtype, procs=Processes(), steps=2):
 def fit_to_budget(cfg, tok, device, dtype, procs):
     """With size_to_budget: (cfg with the shape the rule picks for max_seconds here, said in one line,
     and max_iters where the model would only overfit past it; the seconds of the budget the measurement
-    took, not for training). A resumed run keeps the choice it recorded; fine-tuning keeps its checkpoint's shape,
-    the learning rate following its width; eval_only changes nothing."""
+    took, not for training). A resumed run keeps the choice it recorded; fine-tuning keeps its
+    checkpoint's shape, the learning rate following its width; eval_only changes nothing."""
     if not cfg.size_to_budget or cfg.eval_only:
         return cfg, 0.0
     cfg = replace(cfg, vocab_size=tok.vocab_size)  # the parameters the fit counts include the embedding

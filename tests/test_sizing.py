@@ -224,7 +224,8 @@ def test_a_sized_run_ends_at_its_best_iterations_its_schedule_complete_and_resum
     with open(tmp_path / "out" / "config.json") as f:
         assert json.load(f)["max_iters"] == 12
     # with dropout, which the fit knows nothing of, the budget ends the run
-    assert sized_for_budget(replace(cfg, dropout=0.1), lambda c: 1 / 64, clock=lambda: 0.0)[0].max_iters == cfg.max_iters
+    with_dropout, _, _ = sized_for_budget(replace(cfg, dropout=0.1), lambda c: 1 / 64, clock=lambda: 0.0)
+    assert with_dropout.max_iters == cfg.max_iters
     interrupted = sized_run(tiny_data, tmp_path / "again", "--max_seconds=1", "--always_save_checkpoint=True")
     train(replace(interrupted, max_iters=5))  # stopped at 5, as by Ctrl-C
     assert load_checkpoint(str(tmp_path / "again" / "ckpt.pt"))["iter_num"] == 5
