@@ -38,7 +38,7 @@ from dataset import TokenFile, TrainBatches
 from train import TrainConfig, step_timer, train_step
 
 CPU_RECIPE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config", "train_shakespeare_char_cpu.py")
-BUDGETS = {"100 s": 100, "5 min": 300, "10 min": 600}  # the README's rows
+BUDGETS = {"100 s": 100, "5 min": 300, "10 min": 600, "30 min": 1800, "1 h": 3600}  # the README's rows
 
 
 @dataclass

@@ -5,20 +5,23 @@ The budget-to-shape rule: the model that trains best on this machine in --max_se
 
 A bigger model learns more per step but takes fewer steps in the same time, and which wins depends on
 how fast this machine runs each shape. So the rule measures that, then predicts:
-1. Candidates: the shapes of SHAPES, smallest first, with any shape setting the user gave in their
-   place (--n_layer=6 leaves the rule the width to choose). Heads are about HEAD_SIZE channels each
-   and the learning rate follows the width (derived_settings), unless given.
+1. Candidates: the shapes of SHAPES, smallest first, each without dropout and with DROPOUT, with any
+   setting the user gave in their place (--n_layer=6 leaves the rule the width and dropout to choose).
+   Heads are about HEAD_SIZE channels each and the learning rate follows the width
+   (derived_settings), unless given.
 2. Measure a few training steps of each candidate on this machine (train.py's step_timer): its
    seconds per iteration, hence the iterations, and tokens, the budget affords it.
 3. Predict each candidate's val loss from its parameters and tokens (predicted_loss, a fit to runs
-   of 0.2-2.7M parameters over up to 16M tokens: docs/experiments.md, "The budget-to-shape rule")
+   of 0.2-2.7M parameters over up to 20M tokens: docs/experiments.md, "The budget-to-shape rule")
    and train the lowest. Where that model would start to learn the text by heart before the budget
-   ends (best_tokens_m), the run ends there instead.
-Bigger candidates are only measured while one could still beat the best so far, which keeps the
-measurement to a second or two; that time comes out of the budget.
+   ends (best_tokens_m), the run ends there instead. Dropout costs a short run but lets a model
+   train far longer before that: it wins the long budgets.
+A candidate is only measured while it could still beat the best so far (none is faster than the
+slowest measured before it), which keeps the measurement to seconds; that time comes out of the budget.
 """
 
 import csv
+import itertools
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -32,15 +35,19 @@ from model import GPTConfig, build_model
 # (n_layer, n_embd), smallest first: each is slower per step than the one before it
 SHAPES = ((4, 64), (4, 96), (4, 128), (6, 128), (6, 192), (8, 256), (8, 384))
 HEAD_SIZE = 32  # channels per attention head
+DROPOUT = 0.1  # the dropout a candidate may have (the fit's runs have none or this)
 # what the rule sets; n_head and learning_rate follow n_embd (derived_settings), the rest is measured
-CHOSEN = ("n_layer", "n_embd", "n_head", "learning_rate")
+CHOSEN = ("n_layer", "n_embd", "n_head", "learning_rate", "dropout")
 
 # The fitted loss: L(N, D) = E + A / N^ALPHA + B / D^BETA + C * N * D, N the parameters in millions,
 # D the training tokens in millions. The first three terms are Chinchilla's form: what no model of
 # this kind learns, what a bigger model learns more of, what more tokens teach. The last is
 # memorising: a 1 MB text seen many times, and the more parameters the sooner, is learnt by heart and
 # the val loss turns up (docs/experiments.md, "The budget-to-shape rule", has the runs and the fit).
-E, A, ALPHA, B, BETA, C = 1.175048, 0.138593, 0.36, 0.325796, 0.73, 0.005367
+# A model with DROPOUT has its own A, B and C: it learns less (A_DROPOUT > A, the more so the smaller the
+# model) and less from each token (B_DROPOUT > B), but memorises far later (C_DROPOUT < C).
+E, A, ALPHA, B, BETA, C = 1.171497, 0.139479, 0.36, 0.327675, 0.72, 0.005436
+A_DROPOUT, B_DROPOUT, C_DROPOUT = 0.186607, 0.471175, 0.00059
 MEASURE_SHARE = 0.05  # past this share of the budget, measuring stops (with at least one candidate)
 
 
@@ -55,33 +62,41 @@ def derived_settings(n_embd, optimizer, given):
     return {k: v for k, v in derived.items() if k not in given}
 
 
-def predicted_loss(params_m, tokens_m):
+def fitted_terms(dropout):
+    """(A, B, C) of the fit for a model with this dropout: any dropout is taken as DROPOUT, the nearest
+    the fit knows (with_stop does not trust it to stop a run at another)."""
+    return (A, B, C) if dropout == 0 else (A_DROPOUT, B_DROPOUT, C_DROPOUT)
+
+
+def predicted_loss(params_m, tokens_m, dropout=0.0):
     """The val loss the fit predicts for a run of a model of params_m million parameters given the time
     for tokens_m million tokens. Past its best_tokens_m the loss would rise, and the rule ends such a
     run there (sized_for_budget): no model is predicted worse for a longer budget."""
-    tokens_m = min(tokens_m, best_tokens_m(params_m))
-    return E + A / params_m ** ALPHA + B / tokens_m ** BETA + C * params_m * tokens_m
+    a, b, c = fitted_terms(dropout)
+    tokens_m = min(tokens_m, best_tokens_m(params_m, dropout))
+    return E + a / params_m ** ALPHA + b / tokens_m ** BETA + c * params_m * tokens_m
 
 
-def best_tokens_m(params_m):
+def best_tokens_m(params_m, dropout=0.0):
     """Where more tokens stop paying for a model of params_m million parameters: where the fit's
     learning from tokens (B / D^BETA, falling) and its memorising (C * N * D, rising) balance."""
-    return (BETA * B / (C * params_m)) ** (1 / (BETA + 1))
+    _, b, c = fitted_terms(dropout)
+    return (BETA * b / (c * params_m)) ** (1 / (BETA + 1))
 
 
 def best_iters(cfg, params_m=None):
     """The iterations where the model cfg describes (of params_m million parameters) reaches its
     best_tokens_m."""
     params_m = model_params_m(cfg) if params_m is None else params_m
-    return int(best_tokens_m(params_m) * 1e6 / tokens_per_iter(cfg))
+    return int(best_tokens_m(params_m, cfg.dropout) * 1e6 / tokens_per_iter(cfg))
 
 
 def with_stop(cfg, params_m=None):
     """cfg ending at its model's best_iters at most: a sized run ends there or where its budget does,
     whichever comes first, its schedule complete either way (train.py's lr_now). An iteration count, not
-    seconds, so that the stop does not move with the noise of a few measured steps. With dropout, which
-    the fit's runs had none of, a model memorises far later: the budget alone ends the run."""
-    if cfg.dropout > 0:
+    seconds, so that the stop does not move with the noise of a few measured steps. With a dropout the
+    fit's runs did not have (neither 0 nor DROPOUT), the budget alone ends the run."""
+    if cfg.dropout not in (0.0, DROPOUT):
         return cfg
     return replace(cfg, max_iters=min(cfg.max_iters, best_iters(cfg, params_m)))
 
@@ -98,12 +113,13 @@ def model_params_m(cfg):
 
 
 def candidate_settings(cfg):
-    """The settings of each candidate: a shape of SHAPES with the settings the user gave in its place,
-    and the heads and learning rate that follow its width; smallest first, each once, the shapes that
-    a given n_head does not divide (or splits into odd heads, for rotary positions) left out."""
+    """The settings of each candidate: a shape of SHAPES, without dropout and with DROPOUT, with the
+    settings the user gave in its place, and the heads and learning rate that follow its width;
+    smallest first, each once, the shapes that a given n_head does not divide (or splits into odd
+    heads, for rotary positions) left out."""
     found = []
-    for n_layer, n_embd in SHAPES:
-        shape = {"n_layer": n_layer, "n_embd": n_embd}
+    for (n_layer, n_embd), dropout in itertools.product(SHAPES, (0.0, DROPOUT)):
+        shape = {"n_layer": n_layer, "n_embd": n_embd, "dropout": dropout}
         settings = {k: v for k, v in shape.items() if k not in cfg.given_settings}
         width = settings.get("n_embd", cfg.n_embd)
         settings.update(derived_settings(width, cfg.optimizer, cfg.given_settings))
@@ -134,7 +150,12 @@ class Choice:
     loss: float
 
     def shape(self):
-        return f"{self.cfg.n_layer} x {self.cfg.n_embd}"
+        return shape_name(self.cfg)
+
+
+def shape_name(cfg):
+    """How the rule's lines name a candidate: "6 x 128", or "6 x 128 dropout 0.1"."""
+    return f"{cfg.n_layer} x {cfg.n_embd}" + (f" dropout {cfg.dropout:g}" if cfg.dropout else "")
 
 
 def choose(cfg, seconds_per_iter, budget_seconds, out_of_time=lambda: False):
@@ -149,15 +170,20 @@ def choose(cfg, seconds_per_iter, budget_seconds, out_of_time=lambda: False):
         if best:
             if out_of_time():
                 break
-            # a bigger candidate is no faster than the slowest measured: the most tokens it could get
-            most_iters = int(budget_seconds / slowest)
-            if most_iters == 0 or all(predicted_loss(p, most_iters * tokens_m_per_iter) >= best.loss
-                                      for _, p in pending[i:]):
+            # a later candidate (bigger, or with dropout) is no faster than the slowest measured: the
+            # most tokens it could get; measure it only if that could beat the best
+            most_tokens_m = int(budget_seconds / slowest) * tokens_m_per_iter
+            if most_tokens_m == 0:
                 break
+            could_win = [predicted_loss(p, most_tokens_m, c.dropout) < best.loss for c, p in pending[i:]]
+            if not any(could_win):
+                break
+            if not could_win[0]:
+                continue
         seconds = seconds_per_iter(candidate)
         slowest = max(slowest, seconds)
         iters = int(budget_seconds / seconds)
-        loss = predicted_loss(params_m, iters * tokens_m_per_iter) if iters else float("inf")
+        loss = predicted_loss(params_m, iters * tokens_m_per_iter, candidate.dropout) if iters else float("inf")
         measured.append(Choice(candidate, seconds, iters, params_m, loss))
     best = min(measured, key=lambda c: c.loss)
     if best.iters == 0:
@@ -174,7 +200,7 @@ def sized_for_budget(cfg, seconds_per_iter, clock=time.perf_counter):
     only = candidates(cfg)
     if len(only) == 1:
         chosen = with_stop(only[0])
-        return chosen, (f"sized for {cfg.max_seconds:g} s: {chosen.n_layer} x {chosen.n_embd} as given; it stops at "
+        return chosen, (f"sized for {cfg.max_seconds:g} s: {shape_name(chosen)} as given; it stops at "
                         f"{chosen.max_iters:,} iterations if the budget lasts that long: more would only learn the "
                         f"text by heart" if chosen.max_iters < cfg.max_iters else None), 0.0
     t0 = clock()
@@ -207,7 +233,7 @@ def shapes_for_budgets(cfg, seconds_per_iter, budgets):
     cache = {}
 
     def cached(candidate):
-        key = (candidate.n_layer, candidate.n_embd, candidate.n_head)
+        key = (candidate.n_layer, candidate.n_embd, candidate.n_head, candidate.dropout)
         if key not in cache:
             cache[key] = seconds_per_iter(candidate)
         return cache[key]
@@ -218,32 +244,42 @@ def shapes_for_budgets(cfg, seconds_per_iter, budgets):
 # The fit behind predicted_loss: `python sizing.py docs/sizing_runs.csv` prints its constants
 
 def fit_loss(runs):
-    """(E, A, ALPHA, B, BETA, C) of predicted_loss's form (without the best_tokens_m cap: each run's
-    own last loss) fitted to runs, rows of (params_m, tokens_m, val_loss): least squares for E, A, B
-    and C (none negative) at each exponent pair of a grid, the best pair kept; with the fit's
-    root-mean-square error last."""
-    params, tokens, loss = (np.array(column, dtype=float) for column in zip(*runs))
+    """(E, A, ALPHA, B, BETA, C, A_DROPOUT, B_DROPOUT, C_DROPOUT) of predicted_loss's form (without
+    the best_tokens_m cap: each run's own last loss) fitted to runs, rows of (params_m, tokens_m,
+    dropout, val_loss), dropout 0 or DROPOUT: least squares for E and the A's, B's and C's (none
+    negative) at each exponent pair of a grid, the best pair kept; with the fit's root-mean-square
+    error last."""
+    params, tokens, dropout, loss = (np.array(column, dtype=float) for column in zip(*runs))
+    if not np.isin(dropout, (0.0, DROPOUT)).all():
+        others = sorted(float(d) for d in set(dropout) - {0.0, DROPOUT})
+        raise ValueError(f"the fit takes runs with dropout 0 or {DROPOUT}, not {others}")
+    without, with_dropout = dropout == 0, dropout == DROPOUT
     exponents = np.arange(0.05, 1.5, 0.01)
     best = None
     for alpha in exponents:
         # one least-squares problem for each beta, solved together: features are (beta, run, term)
-        features = np.stack(np.broadcast_arrays(np.ones_like(loss), params ** -alpha, tokens ** -exponents[:, None],
-                                                params * tokens), axis=-1)
+        terms = (params ** -alpha, tokens ** -exponents[:, None], params * tokens)  # A's, B's and C's
+        features = np.stack(np.broadcast_arrays(np.ones_like(loss), *(t * without for t in terms),
+                                                *(t * with_dropout for t in terms)), axis=-1)
         coef = (np.linalg.pinv(features) @ loss[:, None])[..., 0]
         error = np.sqrt(np.mean(((features @ coef[..., None])[..., 0] - loss) ** 2, axis=-1))
         error[coef.min(axis=-1) < 0] = np.inf
         i = int(error.argmin())
         if best is None or error[i] < best[-1]:
-            best = (coef[i, 0], coef[i, 1], alpha, coef[i, 2], exponents[i], coef[i, 3], error[i])
+            e, a, b, c, *dropout_terms = coef[i]
+            best = (e, a, alpha, b, exponents[i], c, *dropout_terms, error[i])
     return tuple(round(float(x), 6) for x in best)
 
 
 def read_runs(path):
-    """The rows of a runs file (columns params_m, tokens_m, val_loss and any others) as fit_loss takes them."""
+    """The rows of a runs file (columns params_m, tokens_m, dropout, val_loss and any others) as
+    fit_loss takes them."""
     with open(path, newline="") as f:
-        return [(float(r["params_m"]), float(r["tokens_m"]), float(r["val_loss"])) for r in csv.DictReader(f)]
+        return [(float(r["params_m"]), float(r["tokens_m"]), float(r["dropout"]), float(r["val_loss"]))
+                for r in csv.DictReader(f)]
 
 
 if __name__ == "__main__":
     *constants, rms = fit_loss(read_runs(sys.argv[1]))
-    print("E, A, ALPHA, B, BETA, C = " + ", ".join(repr(c) for c in constants) + f"  # RMS error {rms:.4f}")
+    print("E, A, ALPHA, B, BETA, C = " + ", ".join(repr(c) for c in constants[:6]))
+    print("A_DROPOUT, B_DROPOUT, C_DROPOUT = " + ", ".join(repr(c) for c in constants[6:]) + f"  # RMS error {rms:.4f}")

@@ -182,7 +182,7 @@ def fit_to_budget(cfg, tok, device, dtype, procs):
     """With size_to_budget: (cfg with the shape the rule picks for max_seconds here, said in one line,
     and max_iters where the model would only overfit past it; the seconds of the budget the measurement
     took, not for training). A resumed run keeps the choice it recorded; fine-tuning keeps its
-    checkpoint's shape, the learning rate following its width; eval_only changes nothing."""
+    checkpoint's shape and dropout, the learning rate following its width; eval_only changes nothing."""
     if not cfg.size_to_budget or cfg.eval_only:
         return cfg, 0.0
     cfg = replace(cfg, vocab_size=tok.vocab_size)  # the parameters the fit counts include the embedding
@@ -193,7 +193,9 @@ def fit_to_budget(cfg, tok, device, dtype, procs):
             return as_chosen_before(cfg, checkpoint.get("config", {})), 0.0
         width = checkpoint["model_args"]["n_embd"]
         given = (*cfg.given_settings, "n_head")  # the checkpoint's heads are its own
-        return replace(cfg, **derived_settings(width, cfg.optimizer, given)), 0.0
+        kept = {} if "dropout" in cfg.given_settings else \
+            {"dropout": checkpoint["model_args"].get("dropout", GPTConfig.dropout)}  # and its dropout
+        return replace(cfg, **derived_settings(width, cfg.optimizer, given), **kept), 0.0
     if not cfg.overwrite:
         refuse_to_replace_a_trained_run(cfg)  # now, not after seconds of measuring
     timer = step_timer(split_file(cfg, "train"), tok.vocab_size, device, dtype, procs)

@@ -12,7 +12,7 @@ import sizing
 from configurator import ConfigError, configure
 from checkpoint import load_checkpoint
 from helpers import REPO, run_in_process, use_fake_clock
-from sizing import (SHAPES, best_iters, best_tokens_m, candidates, choose, derived_settings, fit_loss,
+from sizing import (DROPOUT, SHAPES, best_iters, best_tokens_m, candidates, choose, derived_settings, fit_loss,
                     model_params_m, predicted_loss, read_runs, sized_for_budget, tokens_per_iter)
 from train import TrainConfig, train
 
@@ -28,34 +28,51 @@ def machine(flops_per_second, overhead=0.0, measured=None):
     flops_per_second, after a fixed overhead a step (a GPU's kernel launches); records what it measured."""
     def seconds_per_iter(candidate):
         if measured is not None:
-            measured.append((candidate.n_layer, candidate.n_embd))
+            measured.append((candidate.n_layer, candidate.n_embd, candidate.dropout))
         tokens = candidate.batch_size * candidate.block_size
-        return overhead + 6 * model_params_m(candidate) * 1e6 * tokens / flops_per_second
+        dropout_cost = 1.05 if candidate.dropout else 1.0  # dropout's masks: a little more work a step
+        return overhead + dropout_cost * 6 * model_params_m(candidate) * 1e6 * tokens / flops_per_second
     return seconds_per_iter
 
 
-def test_the_prediction_never_rises_with_tokens_and_a_bigger_model_learns_more_from_few():
+@pytest.mark.parametrize("dropout", [0.0, DROPOUT])
+def test_the_prediction_never_rises_with_tokens_and_a_bigger_model_learns_more_from_few(dropout):
     for params_m in (0.2, 0.5, 1.0, 5.0):
-        losses = [predicted_loss(params_m, t) for t in (0.5, 1, 2, 4, 8, 16, 64)]
+        losses = [predicted_loss(params_m, t, dropout) for t in (0.5, 1, 2, 4, 8, 16, 64)]
         assert losses == sorted(losses, reverse=True)  # past its best tokens a model stays at its best
-    few = [predicted_loss(p, 1.0) for p in (0.2, 0.5, 1.0, 2.7)]
+    few = [predicted_loss(p, 1.0, dropout) for p in (0.2, 0.5, 1.0, 2.7)]
     assert few == sorted(few, reverse=True)
-    assert [best_tokens_m(p) for p in (0.2, 1.0, 5.0)] == sorted([best_tokens_m(p) for p in (0.2, 1.0, 5.0)],
-                                                               reverse=True)  # bigger models memorise sooner
+    best = [best_tokens_m(p, dropout) for p in (0.2, 1.0, 5.0)]
+    assert best == sorted(best, reverse=True)  # bigger models memorise sooner
+
+
+def test_dropout_is_predicted_to_pay_only_where_a_model_would_memorise():
+    """A model with dropout learns less from a few tokens and memorises later; for all but the smallest
+    models its best is lower."""
+    for params_m in (0.2, 0.5, 1.2, 2.7, 6.4):
+        assert predicted_loss(params_m, 1.0, DROPOUT) > predicted_loss(params_m, 1.0)
+        assert best_tokens_m(params_m, DROPOUT) > best_tokens_m(params_m)
+        best_with, best_without = predicted_loss(params_m, 1e3, DROPOUT), predicted_loss(params_m, 1e3)
+        assert (best_with < best_without) == (params_m > 0.5)
 
 
 def test_the_fit_is_the_one_of_the_logged_runs():
     """The constants in sizing.py are what `python sizing.py docs/sizing_runs.csv` fits."""
     *constants, rms = fit_loss(read_runs(os.path.join(REPO, "docs", "sizing_runs.csv")))
-    assert constants == pytest.approx([sizing.E, sizing.A, sizing.ALPHA, sizing.B, sizing.BETA, sizing.C], abs=1e-6)
+    assert constants == pytest.approx([sizing.E, sizing.A, sizing.ALPHA, sizing.B, sizing.BETA, sizing.C,
+                                       sizing.A_DROPOUT, sizing.B_DROPOUT, sizing.C_DROPOUT], abs=1e-6)
     assert rms < 0.006  # about what two seeds of one run differ by
+    with pytest.raises(ValueError, match=r"dropout 0 or 0.1, not \[0.2\]"):
+        fit_loss([(1.0, 1.0, 0.0, 1.5), (1.0, 1.0, 0.2, 1.5)])
 
 
 def test_heads_and_learning_rate_follow_the_width_unless_given():
     cfg = recipe()
     assert cfg.size_to_budget and "n_embd" not in cfg.given_settings
-    shapes = [(c.n_embd, c.n_head, c.learning_rate) for c in candidates(cfg)]
-    assert shapes[:4] == [(64, 2, 1e-2), (96, 3, 1e-2), (128, 4, 7.5e-3), (128, 4, 7.5e-3)]
+    shapes = [(c.n_embd, c.n_head, c.learning_rate, c.dropout) for c in candidates(cfg)]
+    assert shapes[:6] == [(64, 2, 1e-2, 0.0), (64, 2, 1e-2, DROPOUT), (96, 3, 1e-2, 0.0), (96, 3, 1e-2, DROPOUT),
+                          (128, 4, 7.5e-3, 0.0), (128, 4, 7.5e-3, DROPOUT)]
+    assert {c.dropout for c in candidates(recipe("--dropout=0.2"))} == {0.2}
     assert {(c.n_head, c.learning_rate) for c in candidates(recipe("--n_head=2", "--learning_rate=3e-3"))} == {(2, 3e-3)}
     assert derived_settings(128, "muon", ("n_head",)) == {"learning_rate": 7.5e-3}
     assert derived_settings(96, "adamw", ()) == {"n_head": 3, "learning_rate": 2e-3}  # the rate AdamW took here
@@ -91,15 +108,17 @@ def test_the_choice_grows_with_the_budget_and_the_machine_speed():
 
 
 def test_only_candidates_that_could_win_are_measured_and_the_choice_is_the_best():
-    cfg, measured = recipe(), []
-    best, timed = choose(cfg, machine(2e10, measured=measured), 100)
-    assert len(measured) < len(SHAPES)  # the big ones could not have won: they were not run
-    every = [c for c in candidates(cfg)]
-    tokens = [100 / machine(2e10)(c) * 2048 / 1e6 for c in every]
-    losses = [predicted_loss(model_params_m(c), t) for c, t in zip(every, tokens)]
-    assert (best.cfg.n_layer, best.cfg.n_embd) == (every[losses.index(min(losses))].n_layer,
-                                                   every[losses.index(min(losses))].n_embd)
-    assert [(c.cfg.n_layer, c.cfg.n_embd) for c in timed] == measured
+    for flops, budget in ((2e10, 100), (8e10, 3600)):
+        cfg, measured = recipe(f"--max_seconds={budget}"), []
+        best, timed = choose(cfg, machine(flops, measured=measured), budget)
+        every = candidates(cfg)
+        assert len(measured) < len(every)  # those that could not have won were not run: the big ones, and
+        assert budget > 100 or {d for *_, d in measured} == {0.0}  # at 100 s, every one with dropout
+        tokens = [budget / machine(flops)(c) * 2048 / 1e6 for c in every]
+        losses = [predicted_loss(model_params_m(c), t, c.dropout) for c, t in zip(every, tokens)]
+        assert best.cfg == every[losses.index(min(losses))]
+        assert [(c.cfg.n_layer, c.cfg.n_embd, c.cfg.dropout) for c in timed] == measured
+        assert best.cfg.dropout == (DROPOUT if budget == 3600 else 0.0)  # dropout for the long budget only
 
 
 def test_a_gpu_gets_the_model_with_the_lowest_floor_and_stops_when_it_is_reached():
@@ -108,9 +127,10 @@ def test_a_gpu_gets_the_model_with_the_lowest_floor_and_stops_when_it_is_reached
     best is lowest and ends the run where it is reached, rather than let it learn the text by heart."""
     cfg = recipe("--max_seconds=300", "--device=cuda")
     chosen, line, _ = sized_for_budget(cfg, machine(2e13, overhead=0.005), clock=lambda: 0.0)
-    floors = {(c.n_layer, c.n_embd): predicted_loss(model_params_m(c), 1e9) for c in candidates(cfg)}
-    assert (chosen.n_layer, chosen.n_embd) == min(floors, key=floors.get)
-    stop = int(best_tokens_m(model_params_m(chosen)) * 1e6 / tokens_per_iter(chosen))
+    floors = {(c.n_layer, c.n_embd, c.dropout): predicted_loss(model_params_m(c), 1e9, c.dropout)
+              for c in candidates(cfg)}
+    assert (chosen.n_layer, chosen.n_embd, chosen.dropout) == min(floors, key=floors.get)
+    stop = int(best_tokens_m(model_params_m(chosen), chosen.dropout) * 1e6 / tokens_per_iter(chosen))
     assert chosen.max_iters == stop < 300 / 0.005 / 2  # an iteration count, under half what the budget affords
     assert f"{stop:,} iterations (about " in line and "more would only learn the text by heart" in line
     cpu, _ = choose(recipe("--max_seconds=300"), machine(2e10), 300)
@@ -121,11 +141,12 @@ def test_given_shape_settings_win_and_the_rule_chooses_the_rest():
     deep = choose(recipe("--n_layer=6"), machine(2e10), 300)[1]
     assert {c.cfg.n_layer for c in deep} == {6} and len({c.cfg.n_embd for c in deep}) > 1
     wide = [c for c in candidates(recipe("--n_embd=128"))]
-    assert {c.n_embd for c in wide} == {128} and [c.n_layer for c in wide] == [4, 6, 8]
+    assert {c.n_embd for c in wide} == {128} and [(c.n_layer, c.dropout) for c in wide] == [
+        (4, 0.0), (4, DROPOUT), (6, 0.0), (6, DROPOUT), (8, 0.0), (8, DROPOUT)]
     assert {c.learning_rate for c in candidates(recipe("--learning_rate=3e-3"))} == {3e-3}
     assert {c.n_embd % 3 for c in candidates(recipe("--n_head=3", "--n_embd=96"))} == {0}
-    fixed = candidates(recipe("--n_layer=3", "--n_embd=80", "--n_head=5"))
-    assert [(c.n_layer, c.n_embd, c.n_head) for c in fixed] == [(3, 80, 5)]
+    fixed = candidates(recipe("--n_layer=3", "--n_embd=80", "--n_head=5", "--dropout=0.2"))
+    assert [(c.n_layer, c.n_embd, c.n_head, c.dropout) for c in fixed] == [(3, 80, 5, 0.2)]
 
 
 def test_a_budget_is_needed():
@@ -134,20 +155,26 @@ def test_a_budget_is_needed():
 
 
 def test_settings_that_leave_one_shape_are_not_measured_and_the_line_gives_its_stop():
-    cfg = recipe("--n_layer=3", "--n_embd=80", "--n_head=5")
-    only = replace(cfg, learning_rate=1e-2)  # the rate that follows the width, not given
-    stop = best_iters(only)
-    assert sized_for_budget(cfg, lambda c: pytest.fail("measured")) == (
-        replace(only, max_iters=stop), f"sized for 100 s: 3 x 80 as given; it stops at {stop:,} iterations if the "
-                                       f"budget lasts that long: more would only learn the text by heart", 0.0)
-    with_dropout = replace(cfg, dropout=0.1)  # the fit knows nothing of dropout: no stop
+    for dropout, shape in ((0.0, "3 x 80"), (DROPOUT, "3 x 80 dropout 0.1")):
+        cfg = recipe("--n_layer=3", "--n_embd=80", "--n_head=5", f"--dropout={dropout}")
+        only = replace(cfg, learning_rate=1e-2)  # the rate that follows the width, not given
+        stop = best_iters(only)
+        assert sized_for_budget(cfg, lambda c: pytest.fail("measured")) == (
+            replace(only, max_iters=stop), f"sized for 100 s: {shape} as given; it stops at {stop:,} iterations if "
+                                           f"the budget lasts that long: more would only learn the text by heart", 0.0)
+    with_dropout = recipe("--n_layer=3", "--n_embd=80", "--n_head=5", "--dropout=0.2")  # not in the fit: no stop
     assert sized_for_budget(with_dropout, pytest.fail) == (replace(with_dropout, learning_rate=1e-2), None, 0.0)
+    # a given shape without a given dropout leaves two candidates: the rule measures both
+    measured = []
+    chosen, _, _ = sized_for_budget(recipe("--n_layer=6", "--n_embd=192", "--max_seconds=3600"),
+                                    machine(8e10, measured=measured), clock=lambda: 0.0)
+    assert measured == [(6, 192, 0.0), (6, 192, DROPOUT)] and chosen.dropout == DROPOUT
 
 
 def test_the_measurement_stops_at_its_share_of_the_budget_and_refuses_a_budget_shorter_than_a_step():
     measured = []
     best, _ = choose(recipe(), machine(2e10, measured=measured), 100, out_of_time=lambda: True)
-    assert measured == [SHAPES[0]] and (best.cfg.n_layer, best.cfg.n_embd) == SHAPES[0]
+    assert measured == [(*SHAPES[0], 0.0)] and (best.cfg.n_layer, best.cfg.n_embd) == SHAPES[0]
     with pytest.raises(ConfigError, match=r"max_seconds=0.01 is shorter than one step of the smallest model \(4 x 64"):
         choose(recipe(), machine(1e9), 0.01)
 
@@ -169,8 +196,9 @@ def two_small_shapes(monkeypatch):
 
 
 def sized_run(tiny_data, out_dir, *overrides):
+    """The CPU recipe on the tiny dataset, with dropout given (0, unless overridden): the rule sizes the shape."""
     return recipe(f"--data_dir={tiny_data}", "--dataset=tiny", "--eval_iters=1", "--eval_interval=10",
-                  f"--out_dir={out_dir}", *overrides)
+                  f"--out_dir={out_dir}", "--dropout=0.0", *overrides)
 
 
 def test_train_sizes_the_model_records_the_choice_and_resumes_it(tiny_data, tmp_path, monkeypatch, capsys, two_small_shapes):
@@ -195,6 +223,29 @@ def test_train_sizes_the_model_records_the_choice_and_resumes_it(tiny_data, tmp_
         assert json.load(f)["n_layer"] == 2
 
 
+def test_a_chosen_dropout_is_recorded_resumed_and_kept_by_fine_tuning(tiny_data, tmp_path, monkeypatch, capsys,
+                                                                       two_small_shapes):
+    """Where the fit favours dropout (made to here, at every budget), the run trains with it, records it,
+    and a resumed run, or one fine-tuned from its weights, keeps it without measuring again."""
+    monkeypatch.setattr(sizing, "fitted_terms", lambda dropout: (sizing.A, sizing.B / (2 if dropout else 1), sizing.C))
+    use_fake_clock(monkeypatch, tick=1 / 64)
+    cfg = recipe(f"--data_dir={tiny_data}", "--dataset=tiny", "--eval_iters=1", "--eval_interval=10",
+                 f"--out_dir={tmp_path / 'out'}", "--max_seconds=1", "--always_save_checkpoint=True")
+    assert "dropout" not in cfg.given_settings
+    train(replace(cfg, max_iters=5))  # stopped at 5, as by Ctrl-C
+    out = capsys.readouterr().out
+    assert "sized for 1 s: 2 x 64 dropout 0.1 (" in out
+    # 2 x 64 without dropout could not beat 1 x 32 with it: not measured
+    assert "measured ms/iter: 1 x 32 16, 1 x 32 dropout 0.1 16, 2 x 64 dropout 0.1 16, in 0.3 s" in out
+    assert load_checkpoint(str(tmp_path / "out" / "ckpt.pt"))["model_args"]["dropout"] == DROPOUT
+    train(replace(cfg, init_from="resume"))
+    assert "sized for" not in capsys.readouterr().out
+    assert load_checkpoint(str(tmp_path / "out" / "ckpt.pt"))["config"]["dropout"] == DROPOUT
+    train(replace(cfg, init_from=str(tmp_path / "out"), out_dir=str(tmp_path / "tuned")))
+    with open(tmp_path / "tuned" / "config.json") as f:
+        assert json.load(f)["dropout"] == DROPOUT
+
+
 def test_a_stopped_sized_run_resumes_to_the_budget_it_was_sized_for(tiny_data, tmp_path, monkeypatch, capsys,
                                                                     two_small_shapes):
     """The measurement's seconds stay out of the budget after a resume: the run ends where an
@@ -211,7 +262,7 @@ def test_a_sized_run_ends_at_its_best_iterations_its_schedule_complete_and_resum
     """Where the budget affords more steps than the model's best (the fit's, made 12 here), the run
     ends on that iteration count with its learning rate at the end of its cosine, and an interrupted run
     resumed with a larger budget ends there too."""
-    monkeypatch.setattr(sizing, "best_tokens_m", lambda params_m: 12.5 * 2048 / 1e6)
+    monkeypatch.setattr(sizing, "best_tokens_m", lambda params_m, dropout=0.0: 12.5 * 2048 / 1e6)
     use_fake_clock(monkeypatch, tick=1 / 64)
     cfg = sized_run(tiny_data, tmp_path / "out", "--max_seconds=1", "--log_interval=1")
     train(cfg)
@@ -223,8 +274,8 @@ def test_a_sized_run_ends_at_its_best_iterations_its_schedule_complete_and_resum
     assert len(lrs) == 12 and lrs[-1] < cfg.min_lr + 0.05 * (1e-2 - cfg.min_lr)  # the step at 11/12 of the cosine
     with open(tmp_path / "out" / "config.json") as f:
         assert json.load(f)["max_iters"] == 12
-    # with dropout, which the fit knows nothing of, the budget ends the run
-    with_dropout, _, _ = sized_for_budget(replace(cfg, dropout=0.1), lambda c: 1 / 64, clock=lambda: 0.0)
+    # with a dropout the fit knows nothing of, the budget ends the run
+    with_dropout, _, _ = sized_for_budget(replace(cfg, dropout=0.2), lambda c: 1 / 64, clock=lambda: 0.0)
     assert with_dropout.max_iters == cfg.max_iters
     interrupted = sized_run(tiny_data, tmp_path / "again", "--max_seconds=1", "--always_save_checkpoint=True")
     train(replace(interrupted, max_iters=5))  # stopped at 5, as by Ctrl-C

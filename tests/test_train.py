@@ -358,7 +358,7 @@ def test_the_cpu_recipe_stops_on_time_evaluates_rarely_and_keeps_the_best(tiny_d
     # the whole recipe, on the tiny dataset for a moment of its budget (the 100-second shape, given)
     cfg = configure(TrainConfig, [path, *overrides, f"--data_dir={tiny_data}", "--dataset=tiny", "--max_seconds=0.5",
                                   "--eval_iters=1", "--eval_interval=5", f"--out_dir={tmp_path / 'out'}",
-                                  "--n_layer=4", "--n_embd=96"])
+                                  "--n_layer=4", "--n_embd=96", "--dropout=0.0"])
     use_fake_clock(monkeypatch, tick=1 / 64)  # every step 1/64 s: the budget of 0.5 s is 32 steps
     train(cfg)
     assert "trained 32 iterations in 0.5 s of training time" in capsys.readouterr().out
