@@ -122,6 +122,23 @@ def cpu_bf16_speedup(n=256, min_rounds=5, min_seconds=0.05):
     return best[0] / best[1]
 
 
+BUSY_CPU_SHARE = 0.8  # under this share of the wall time on a CPU, other programs are slowing this one
+
+
+def busy_cpu_line(thread_seconds, wall_seconds):
+    """A line saying the CPU is busy, where the main thread ran under BUSY_CPU_SHARE of wall_seconds
+    (thread_seconds, its CPU time) while it measured steps; else None. On an idle machine it runs all
+    the time: it computes its share of each op, and spins while the other threads finish theirs. On a
+    busy one the system takes it off its core, every measured step is slow, and a choice made from them
+    (sizing.py) is too small."""
+    share = thread_seconds / wall_seconds if wall_seconds > 0 else 1.0
+    if share >= BUSY_CPU_SHARE:
+        return None
+    return (f"note: other programs are busy on this CPU: while measuring steps, this process ran {share:.0%} "
+            f"of the time, so the speeds measured are low and the model chosen may be smaller than the one "
+            f"this machine trains when idle (train when it is idle, or give --n_layer and --n_embd)")
+
+
 def bf16_is_native(device):
     """Whether bfloat16 matmuls run natively (fast) on device: CUDA GPUs of compute capability 8.0
     (Ampere) and newer, and AMD GPUs; CPUs where a measured bf16 matmul beats float32; not MPS.

@@ -29,7 +29,7 @@ from checkpoint import (CKPT_NAME, RESUME_NAME, Progress, capture_rng, checkpoin
                         save_checkpoint, training_checkpoint)
 from configurator import ConfigError, UserError, as_config_error, check, check_choice, configure, run_main
 from dataset import TrainBatches, bits_per_char_scales, load_dataset, split_file
-from device import (DeviceSettings, autocast_context, check_replicas_agree, describe_dtype, end_processes,
+from device import (DeviceSettings, autocast_context, busy_cpu_line, check_replicas_agree, describe_dtype, end_processes,
                     Processes, from_rank0, gather_from_all, matmul_peak_flops, newton_schulz_dtype, on_rank0,
                     out_of_memory_in_one_line, reuse_freed_memory, select_dtype, start_processes, use_compile)
 from evaluate import estimate_loss, evaluate_only, final_val_loss, show_sample
@@ -154,10 +154,12 @@ def lr_now(progress, cfg):
 def step_timer(tokens, vocab_size, device, dtype, procs=Processes(), steps=2):
     """seconds_per_iter(candidate): the median of `steps` training steps of candidate's shape on
     tokens (a TokenFile), after one that warms up, run as train() runs them (uncompiled: compiling
-    each candidate would cost more than it tells)."""
+    each candidate would cost more than it tells). On a CPU that other programs keep busy, says so
+    once (device.busy_cpu_line): the speeds it measures are then the busy machine's."""
     ctx = autocast_context(device, dtype)
     scaler = torch.amp.GradScaler(torch.device(device).type, enabled=(dtype == "float16"))
     importlib.import_module("torch._dynamo")  # the first optimizer imports it (seconds, once): not the shapes' time
+    said_busy = []
 
     def seconds_per_iter(candidate):
         torch.manual_seed(candidate.seed)
@@ -167,12 +169,17 @@ def step_timer(tokens, vocab_size, device, dtype, procs=Processes(), steps=2):
         micro_steps = micro_steps_per_process(candidate, procs)
         batches = TrainBatches(tokens, candidate.batch_size, candidate.block_size, micro_steps,
                                np.random.default_rng(candidate.seed), device, procs)
-        times = []
+        times, thread_times = [], []  # and how long this thread ran in each: did other programs take some?
         for _ in range(steps + 1):
-            t0 = time.perf_counter()
+            t0, thread_t0 = time.perf_counter(), time.thread_time()
             train_step(model, optimizer, scaler, batches.next_step(), micro_steps, ctx, candidate.grad_clip,
                        candidate.learning_rate).item()
             times.append(time.perf_counter() - t0)
+            thread_times.append(time.thread_time() - thread_t0)
+        busy = busy_cpu_line(sum(thread_times[1:]), sum(times[1:]))
+        if busy and device == "cpu" and procs.master and not said_busy:
+            print(busy)
+            said_busy.append(busy)  # once a measurement
         return from_rank0(statistics.median(times[1:]), procs, device)  # every process picks rank 0's shape
 
     return seconds_per_iter

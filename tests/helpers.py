@@ -92,14 +92,20 @@ def assert_same_weights(a, b, rtol=0.0, atol=0.0):
 class FakeClock:
     """Stands in for time.perf_counter in train.py and metrics.py (use_fake_clock): every reading is
     one tick after the last, so a training step, timed by a reading at its start and one at its end,
-    lasts exactly one tick however busy the machine is, and a time budget ends after a known count."""
+    lasts exactly one tick however busy the machine is, and a time budget ends after a known count.
+    Its thread_time is the time a thread ran: all of it, unless a test sets a lower cpu_share."""
 
     def __init__(self, tick):
         self.tick, self.now = tick, 0.0
+        self.cpu_share = 1.0  # an idle machine: the process's threads run all the time
 
     def __call__(self):
         self.now += self.tick
         return self.now
+
+    def thread_time(self):
+        """The CPU time of the calling thread so far (without a tick): cpu_share of the time."""
+        return self.now * self.cpu_share
 
 
 def use_fake_clock(monkeypatch, tick=1 / 64):
@@ -110,5 +116,5 @@ def use_fake_clock(monkeypatch, tick=1 / 64):
     import train
     clock = FakeClock(tick)
     for module in (train, metrics):
-        monkeypatch.setattr(module, "time", types.SimpleNamespace(perf_counter=clock))
+        monkeypatch.setattr(module, "time", types.SimpleNamespace(perf_counter=clock, thread_time=clock.thread_time))
     return clock

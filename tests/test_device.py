@@ -173,3 +173,11 @@ def test_freed_memory_is_reused_without_page_faults():
     plain, reused = float(out[1]), float(out[2])
     assert plain > 0.9  # by default every page of every new large tensor faults
     assert reused < 0.05  # with it, a freed tensor's pages serve the next one
+
+
+def test_a_busy_cpu_is_named_with_the_share_of_the_time_the_process_ran():
+    line = device.busy_cpu_line(thread_seconds=0.5, wall_seconds=1.0)  # another program had the other half
+    assert line.startswith("note: other programs are busy on this CPU") and "this process ran 50% of the time" in line
+    assert "\n" not in line
+    assert device.busy_cpu_line(thread_seconds=0.9, wall_seconds=1.0) is None  # idle
+    assert device.busy_cpu_line(thread_seconds=0.0, wall_seconds=0.0) is None  # nothing measured

@@ -209,6 +209,7 @@ def test_train_sizes_the_model_records_the_choice_and_resumes_it(tiny_data, tmp_
     # the rule reads the clock, both candidates take 3 steps of 2 readings with one more between them (is
     # the time up?), and the rule reads it again: 14 ticks
     assert "sized for 0.5 s: 2 x 64 (" in out and "measured ms/iter: 1 x 32 16, 2 x 64 16, in 0.2 s" in out
+    assert "other programs are busy" not in out  # the fake machine is idle
     with open(tmp_path / "out" / "config.json") as f:
         saved = json.load(f)
     assert (saved["n_layer"], saved["n_embd"], saved["n_head"], saved["learning_rate"]) == (2, 64, 2, 1e-2)
@@ -221,6 +222,15 @@ def test_train_sizes_the_model_records_the_choice_and_resumes_it(tiny_data, tmp_
     assert "sized for" not in out and "trained 50 iterations in 0.8 s" in out  # (1.0 - 14/64) s
     with open(tmp_path / "out" / "config.json") as f:
         assert json.load(f)["n_layer"] == 2
+
+
+def test_a_busy_cpu_is_said_once_before_the_choice(tiny_data, tmp_path, monkeypatch, capsys, two_small_shapes):
+    clock = use_fake_clock(monkeypatch, tick=1 / 64)
+    clock.cpu_share = 0.5  # other programs had half of the time
+    train(sized_run(tiny_data, tmp_path / "out", "--max_seconds=0.5"))
+    out = capsys.readouterr().out
+    assert out.count("note: other programs are busy on this CPU") == 1  # two candidates measured, said once
+    assert out.index("other programs are busy") < out.index("sized for 0.5 s")
 
 
 def test_a_chosen_dropout_is_recorded_resumed_and_kept_by_fine_tuning(tiny_data, tmp_path, monkeypatch, capsys,
