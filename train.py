@@ -29,9 +29,10 @@ from checkpoint import (CKPT_NAME, RESUME_NAME, Progress, capture_rng, checkpoin
                         save_checkpoint, training_checkpoint)
 from configurator import ConfigError, UserError, as_config_error, check, check_choice, configure, run_main
 from dataset import TrainBatches, bits_per_char_scales, load_dataset, split_file
-from device import (DeviceSettings, autocast_context, busy_cpu_line, check_replicas_agree, describe_dtype, end_processes,
-                    Processes, from_rank0, gather_from_all, matmul_peak_flops, newton_schulz_dtype, on_rank0,
-                    out_of_memory_in_one_line, reuse_freed_memory, select_dtype, start_processes, use_compile)
+from device import (DeviceSettings, autocast_context, busy_cpu_line, check_replicas_agree, describe_dtype,
+                    end_processes, Processes, from_rank0, gather_from_all, matmul_peak_flops, newton_schulz_dtype,
+                    on_rank0, out_of_memory_in_one_line, reuse_freed_memory, select_dtype, start_processes,
+                    use_compile)
 from evaluate import estimate_loss, evaluate_only, final_val_loss, show_sample
 from files import StopSignals
 from metrics import TrainingLog, plot_metrics, start_wandb
@@ -159,9 +160,10 @@ def step_timer(tokens, vocab_size, device, dtype, procs=Processes(), steps=2):
     ctx = autocast_context(device, dtype)
     scaler = torch.amp.GradScaler(torch.device(device).type, enabled=(dtype == "float16"))
     importlib.import_module("torch._dynamo")  # the first optimizer imports it (seconds, once): not the shapes' time
-    said_busy = []
+    said_busy = False
 
     def seconds_per_iter(candidate):
+        nonlocal said_busy
         torch.manual_seed(candidate.seed)
         model = build_model(GPTConfig.from_settings(candidate, vocab_size=vocab_size))
         model = speed_up_training(model.to(device), device, dtype)
@@ -179,7 +181,7 @@ def step_timer(tokens, vocab_size, device, dtype, procs=Processes(), steps=2):
         busy = busy_cpu_line(sum(thread_times[1:]), sum(times[1:]))
         if busy and device == "cpu" and procs.master and not said_busy:
             print(busy)
-            said_busy.append(busy)  # once a measurement
+            said_busy = True  # once a measurement
         return from_rank0(statistics.median(times[1:]), procs, device)  # every process picks rank 0's shape
 
     return seconds_per_iter
