@@ -11,7 +11,7 @@ the KV cache, and peak memory. With
 --compare=True (default) it also runs nanoGPT's path (float32, unfused AdamW, no KV cache),
 alternating the two so that both see the same machine conditions, and reports the ratios. Last, it
 measures what train.py's sizing rule measures (sizing.py) and prints the shape the CPU recipe
-(config/train_shakespeare_char_cpu.py) would train on this machine for 100 s, 5 and 10 minutes.
+(config/train_shakespeare_char_cpu.py) would train on this machine for 100 s to an hour.
 """
 
 import os
@@ -54,7 +54,7 @@ class BenchConfig(GPTConfig, DeviceSettings):
     sample_tokens: int = 500  # new tokens per sampling measurement (sample.py's default)
     num_samples: int = 10  # sample.py's default: generated as one batch here, one after another by nanoGPT
     seed: int = 1337  # seeds the weights and batches
-    sizes: bool = True  # also print the shapes the CPU recipe would train here for 100 s, 5 and 10 minutes
+    sizes: bool = True  # also print the shapes the CPU recipe would train here for 100 s to an hour
     sizes_only: bool = False  # print only those (no table)
 
     def __post_init__(self):

@@ -143,6 +143,13 @@ def checkpoint_tokenizer(checkpoint, path, data_dir):
 
 # Which checkpoint
 
+def how_to_train_first(out_dir=None):
+    """The hint where no checkpoint is found: the command that trains one (into out_dir)."""
+    into = f" --out_dir={out_dir}" if out_dir else ""
+    return (f"train a model first: python train.py config/train_shakespeare_char_cpu.py{into} "
+            f"(on a GPU: config/train_shakespeare_char.py)")
+
+
 def find_checkpoint(out_dir):
     """out_dir's ckpt.pt; without an out_dir, the most recently written */ckpt.pt under the current
     folder, so that `python sample.py` samples the run just trained, whatever its config named it."""
@@ -150,8 +157,8 @@ def find_checkpoint(out_dir):
         return os.path.join(out_dir, CKPT_NAME)
     found = glob.glob(os.path.join("*", CKPT_NAME))
     if not found:
-        raise CheckpointError(f"no checkpoint in any folder under {os.getcwd()} (*/ckpt.pt); train a model first: "
-                              f"python train.py config/train_shakespeare_char.py, or give --out_dir")
+        raise CheckpointError(f"no checkpoint in any folder under {os.getcwd()} (*/ckpt.pt); {how_to_train_first()}, "
+                              f"or give --out_dir")
     path = max(found, key=os.path.getmtime)
     print(f"sampling {path}, the most recently written checkpoint here (--out_dir picks another)", file=sys.stderr)
     return path
@@ -172,11 +179,10 @@ def checkpoint_to_load(cfg):
     """The checkpoint file a training run starts from (None: from scratch) and a hint for when it is missing."""
     if cfg.init_from == "scratch" and not cfg.eval_only:
         return None, ""
-    train_first = "; train one first, or use --init_from=scratch"
     if cfg.init_from == "resume" and not cfg.eval_only:
-        return resume_path(cfg.out_dir), train_first
+        return resume_path(cfg.out_dir), "; train one first, or use --init_from=scratch"
     if cfg.init_from in ("scratch", "resume"):  # eval_only evaluates the run's own (best) checkpoint
-        return os.path.join(cfg.out_dir, CKPT_NAME), train_first
+        return os.path.join(cfg.out_dir, CKPT_NAME), "; train one first, or give the --out_dir of a trained run"
     # fine-tuning: a checkpoint file or the out_dir that holds one
     path = os.path.join(cfg.init_from, CKPT_NAME) if os.path.isdir(cfg.init_from) else cfg.init_from
     return path, "; init_from takes 'scratch', 'resume', a ckpt.pt file or an out_dir holding one"

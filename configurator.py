@@ -25,6 +25,9 @@ class UserError(Exception):
     """A problem with what the user asked for; the script's entry point prints it as one line."""
     exit_code = 1
 
+    def line(self):
+        return f"error: {self}"
+
 
 class ConfigError(UserError):
     exit_code = 2
@@ -210,7 +213,7 @@ def run_main(main):
     try:
         main(sys.argv[1:])
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(e.line(), file=sys.stderr)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -1,6 +1,6 @@
 """
-A run's out_dir: one run at a time trains into it, and a run from scratch never replaces the
-checkpoints of a trained one by accident. (files.py holds the locks and atomic writes this builds on;
+A run's out_dir: one run at a time trains into it, and a new run (from scratch, or fine-tuning)
+never replaces the checkpoints of a trained one by accident. (files.py holds the locks and atomic writes this builds on;
 this reads checkpoints, which import files.py, so it has a file of its own.)
 """
 
@@ -14,7 +14,14 @@ from files import lock_out_dir, remove_leftovers
 from metrics import record_config
 
 
+def refuse_a_file_as_out_dir(out_dir):
+    """Checked before anything runs: a file where the folder should be is a mistyped --out_dir."""
+    if os.path.isfile(out_dir):
+        raise ConfigError(f"out_dir '{out_dir}' is a file, not a folder; pick another --out_dir")
+
+
 def ensure_writable(out_dir):
+    refuse_a_file_as_out_dir(out_dir)
     try:
         os.makedirs(out_dir, exist_ok=True)
         probe = os.path.join(out_dir, f".write_test{os.getpid()}")
@@ -26,7 +33,8 @@ def ensure_writable(out_dir):
 
 
 def refuse_to_replace_a_trained_run(cfg):
-    """A run from scratch must not replace the checkpoints of a trained one by accident."""
+    """A new run, from scratch or fine-tuning, must not replace the checkpoints of a trained one by
+    accident (with --overwrite=True they are removed: the run starts over there)."""
     for name in (CKPT_NAME, RESUME_NAME):
         path = os.path.join(cfg.out_dir, name)
         if not os.path.isfile(path):
@@ -42,18 +50,19 @@ def refuse_to_replace_a_trained_run(cfg):
             what = f"iteration {saved['iter_num']}, best val loss {float(saved['best_val_loss']):.4f}"
         except (CheckpointError, KeyError, TypeError, ValueError):
             what = "a checkpoint"
-        raise ConfigError(f"{path} holds a trained run ({what}); continue it with --init_from=resume, train into "
-                          f"another --out_dir, or start over there with --overwrite=True")
+        ways = ("continue it with --init_from=resume, train into another --out_dir" if cfg.init_from == "scratch"
+                else "fine-tune into another --out_dir")
+        raise ConfigError(f"{path} holds a trained run ({what}); {ways}, or start over there with --overwrite=True")
 
 
 def claim_out_dir(cfg):
     """Make out_dir this run's: it exists and can be written, no other run trains into it (its lock
-    is taken and returned), a trained run there is not replaced from scratch unless asked, and
+    is taken and returned), a trained run there is not replaced by a new one unless asked, and
     half-written checkpoints of runs killed with -9 are removed."""
     ensure_writable(cfg.out_dir)
     lock = lock_out_dir(cfg.out_dir)
     try:
-        if cfg.init_from == "scratch":
+        if cfg.init_from != "resume":
             refuse_to_replace_a_trained_run(cfg)
         for name in (CKPT_NAME, RESUME_NAME):
             remove_leftovers(cfg.out_dir, name + ".")

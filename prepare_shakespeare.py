@@ -114,14 +114,25 @@ def download(url, path, sha256=None, timeout=30):
         raise write_failed(path, e, "nothing was downloaded") from None
 
 
-def fetch_shakespeare(folder, url=SHAKESPEARE_URL, sha256=SHAKESPEARE_SHA256):
-    """folder/input.txt, downloaded unless a verified copy is there; returns its path."""
+def is_tiny_shakespeare(path, sha256=SHAKESPEARE_SHA256):
+    """Whether the file at path is the text sha256 names."""
+    return os.path.isfile(path) and file_digest(path) == sha256
+
+
+def fetch_shakespeare(folder, url=SHAKESPEARE_URL, sha256=SHAKESPEARE_SHA256, spare=None):
+    """folder/input.txt, downloaded unless a verified copy is there, or at spare (another dataset's
+    input.txt: the BPE dataset reuses the character one's); returns its path."""
     path = os.path.join(folder, "input.txt")
     if os.path.exists(path):
         if sha256 and file_digest(path) != sha256:
             raise DatasetError(f"{path} exists but is not the expected text (SHA-256 differs); "
-                               f"move it away to download again, or pass --input {path}")
+                               f"move it away to download again, or prepare it as a dataset of its own: "
+                               f"--input {path} --dataset=NAME")
         print(f"{path} is already there, skipping download")
+    elif spare and sha256 and os.path.abspath(spare) != os.path.abspath(path) and is_tiny_shakespeare(spare, sha256):
+        os.makedirs(folder, exist_ok=True)
+        link_or_copy(spare, path)
+        print(f"{path}: the verified copy at {spare}, skipping download")
     else:
         os.makedirs(folder, exist_ok=True)
         download(url, path, sha256)
@@ -319,7 +330,8 @@ def prepare_dataset(dataset=DEFAULT_DATASET, input_path=None, url=None, sha256=S
         files = corpus_files(input_path)
         input_copy = input_path if os.path.isfile(input_path) else None
     else:
-        path = fetch_shakespeare(out_dir, url or SHAKESPEARE_URL, sha256)
+        path = fetch_shakespeare(out_dir, url or SHAKESPEARE_URL, sha256,
+                                 spare=os.path.join(data_dir, DEFAULT_DATASET, "input.txt"))
         files, input_copy = [path], path
     tok = prepare_corpus(files, out_dir, tok, tokenizer, vocab_size, test_fraction or 0.0,
                          as_bytes=bench is not None and bench.as_bytes, input_copy=input_copy, sample_mb=sample_mb)
@@ -340,8 +352,9 @@ class ArgumentParser(argparse.ArgumentParser):
 def main(argv):
     parser = ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--input", help="a local UTF-8 text file, or a folder of them, instead of a download")
-    parser.add_argument("--dataset", default=DEFAULT_DATASET,
-                        help="name of the folder under data/ to write; enwik8 and text8 download those benchmarks")
+    parser.add_argument("--dataset", default=None,
+                        help=f"name of the folder under data/ to write (default {DEFAULT_DATASET}, Tiny Shakespeare's);"
+                             f" enwik8 and text8 download those benchmarks")
     parser.add_argument("--url", default=None, help="where to download the text (or the benchmark's zip) from")
     parser.add_argument("--sha256", default=SHAKESPEARE_SHA256,
                         help="expected SHA-256 of Tiny Shakespeare's download ('' to skip the check)")
@@ -363,7 +376,8 @@ def main(argv):
     check(vocab_size >= 256, "--vocab_size", vocab_size, "at least 256 (the bytes alone)")
     if args.vocab_from is not None and (args.tokenizer != "char" or args.vocab_size is not None):
         raise ConfigError("--vocab_from takes that dataset's tokenizer: drop --tokenizer and --vocab_size")
-    check_dataset_name("--dataset", args.dataset, "--data_dir")
+    if args.dataset is not None:
+        check_dataset_name("--dataset", args.dataset, "--data_dir")
     if args.vocab_from is not None:
         check_dataset_name("--vocab_from", args.vocab_from, "--data_dir")
     check(args.data_dir != "", "--data_dir", args.data_dir, "a folder")
@@ -374,6 +388,12 @@ def main(argv):
     check(args.test_fraction is None or 0 <= args.test_fraction < 1 - TRAIN_FRACTION, "--test_fraction",
           args.test_fraction, f"at least 0 and below {1 - TRAIN_FRACTION:.1f} (the first 90% is train)")
     check(args.bpe_sample_mb > 0, "--bpe_sample_mb", args.bpe_sample_mb, "positive")
+    if args.dataset is None:  # Tiny Shakespeare's folder: another text there would replace it
+        if args.input is not None and os.path.exists(args.input) and args.sha256 \
+                and not is_tiny_shakespeare(args.input, args.sha256):
+            raise ConfigError(f"--input {args.input} is not Tiny Shakespeare, whose dataset is the default "
+                              f"({DEFAULT_DATASET}): name your text's dataset, e.g. --dataset=my_text")
+        args.dataset = DEFAULT_DATASET
     prepare_dataset(args.dataset, args.input, args.url, args.sha256, args.data_dir, args.vocab_from,
                     args.tokenizer, vocab_size, args.test_fraction, args.bpe_sample_mb)
 

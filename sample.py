@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from checkpoint import checkpoint_tokenizer, find_checkpoint, load_checkpoint, model_from_checkpoint, refuse_gpt2_weights
+from checkpoint import (checkpoint_tokenizer, find_checkpoint, how_to_train_first, load_checkpoint, model_from_checkpoint,
+                        refuse_gpt2_weights)
 from configurator import ConfigError, UserError, check, configure, run_main
 from device import DeviceSettings, out_of_memory_in_one_line, select_device, select_sampling_dtype, use_compile
 from speedups import speed_up_sampling
@@ -46,8 +47,7 @@ class SampleConfig(DeviceSettings):
 def load_model_and_tokenizer(cfg, device):
     """The checkpoint's model and vocabulary."""
     path = find_checkpoint(cfg.out_dir)
-    checkpoint = load_checkpoint(path, device, hint=f"; train a model first: python train.py "
-                                                    f"config/train_shakespeare_char.py --out_dir={cfg.out_dir}")
+    checkpoint = load_checkpoint(path, device, hint=f"; {how_to_train_first(cfg.out_dir)}")
     return model_from_checkpoint(checkpoint), checkpoint_tokenizer(checkpoint, path, cfg.data_dir)
 
 

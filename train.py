@@ -37,7 +37,7 @@ from evaluate import estimate_loss, evaluate_only, final_val_loss, show_sample
 from files import StopSignals
 from metrics import TrainingLog, plot_metrics, start_wandb
 from model import GPTConfig, build_model
-from out_dir import out_dir_claimed, refuse_to_replace_a_trained_run
+from out_dir import out_dir_claimed, refuse_a_file_as_out_dir, refuse_to_replace_a_trained_run
 from prepare_shakespeare import DEFAULT_DATASET, check_dataset_name
 from sizing import as_chosen_before, candidate_settings, derived_settings, sized_for_budget, tokens_per_iter
 from speedups import speed_up_training
@@ -117,6 +117,7 @@ class TrainConfig(GPTConfig, DeviceSettings):
         check(self.max_seconds > 0 or not self.size_to_budget, "max_seconds", self.max_seconds,
               "> 0 with size_to_budget=True, the budget the model is sized for (or give --size_to_budget=False)")
         check(self.out_dir != "", "out_dir", self.out_dir, "a folder name")
+        refuse_a_file_as_out_dir(self.out_dir)
         check_dataset_name("dataset", self.dataset)
         check_choice("optimizer", self.optimizer, ("adamw", "muon"))
         check_choice("eval_split", self.eval_split, ("val", "test"))
@@ -328,7 +329,10 @@ def evaluate_and_save(model, cfg, progress, save, log, device, ctx, procs):
 
 
 class Interrupted(UserError):
-    """Raised after SIGINT or SIGTERM, once the checkpoint is saved."""
+    """Raised after SIGINT or SIGTERM, once the checkpoint is saved: a stop asked for, not an error."""
+
+    def line(self):
+        return str(self)
 
 
 def save_and_stop(cfg, progress, save, stop):
@@ -337,7 +341,17 @@ def save_and_stop(cfg, progress, save, stop):
     path = os.path.join(cfg.out_dir, CKPT_NAME if cfg.always_save_checkpoint else RESUME_NAME)
     save(path)
     raise Interrupted(f"stopped by {stop.received or 'a signal to another process'} after iteration "
-                      f"{progress.iter_num}; saved {path}; continue with --init_from=resume")
+                      f"{progress.iter_num}; saved {path}; to continue, run the same command with --init_from=resume")
+
+
+def note_a_longer_budget(cfg, progress):
+    """A resumed run given more seconds than its schedule was laid over goes on at min_lr (Progress's
+    schedule_seconds): say so, since it is not what a new run of that budget would do."""
+    beyond = cfg.max_seconds - progress.set_aside_seconds - progress.schedule_seconds
+    if progress.schedule_seconds > 0 and beyond > 0:
+        print(f"resumed with max_seconds={cfg.max_seconds:g}: the learning rate schedule ends where the run's first "
+              f"{progress.schedule_seconds:.3g} s of training did; the {beyond:.3g} s past that train at min_lr "
+              f"({cfg.min_lr:g})")
 
 
 def report_start(model, cfg, step_tokens, dtype, device, procs):
@@ -401,6 +415,8 @@ def train(cfg):
         if cfg.init_from == "resume":
             restore_training_state(checkpoint, raw_model, optimizer, scaler, data_rng, device, procs.rank)
             progress = Progress.from_checkpoint(checkpoint)
+            if procs.master:
+                note_a_longer_budget(cfg, progress)
         checkpoint = None  # free its memory
         compiled = use_compile(cfg.compile, device)
         model = prepare_model(raw_model, compiled, device, procs)  # raw_model: the same weights, to save and sample

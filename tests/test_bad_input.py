@@ -166,13 +166,14 @@ sample '--out_dir={d}/out_truncated'                               | is not a re
 sample '--out_dir={d}/out_hostile'                                 | is not a readable checkpoint
 sample '--out_dir={d}/nothing'                                     | no checkpoint at
 # prepare_shakespeare.py
-prepare --input '{d}/folder'                                       | holds no files; give a text file or a folder of them
-prepare --input '{d}/latin1.txt'                                   | is not UTF-8 text
-prepare --input '{d}/empty.txt'                                    | is empty
+prepare --input '{d}/folder' --dataset=mine                        | holds no files; give a text file or a folder of them
+prepare --input '{d}/latin1.txt' --dataset=mine                    | is not UTF-8 text
+prepare --input '{d}/empty.txt' --dataset=mine                     | is empty
 prepare --input '{d}/nothere.txt'                                  | not found
-prepare --input '{d}/foreign.txt' --vocab_from meta_hostile        | meta.pkl is not a vocabulary file
-prepare --input '{d}/foreign.txt' --vocab_from tiny                | characters not in the vocabulary
-prepare --input '{d}/foreign.txt' --data_dir '{d}/latin1.txt/data' | could not write the dataset {d}/latin1.txt/data
+prepare --input '{d}/foreign.txt'                                  | is not Tiny Shakespeare, whose dataset is the default
+prepare --input '{d}/foreign.txt' --dataset=m --vocab_from meta_hostile | meta.pkl is not a vocabulary file
+prepare --input '{d}/foreign.txt' --dataset=m --vocab_from tiny    | characters not in the vocabulary
+prepare --input '{d}/foreign.txt' --dataset=m --data_dir '{d}/latin1.txt/data' | could not write the dataset {d}/latin1.txt/data
 prepare --input '{d}/foreign.txt' --vocab_size=300                | --vocab_size is for --tokenizer=bpe
 prepare --input '{d}/foreign.txt' --tokenizer=bpe --vocab_size=100 | --vocab_size must be at least 256 (the bytes alone), got 100
 prepare --input '{d}/foreign.txt' --test_fraction=0.2              | --test_fraction must be at least 0 and below 0.1

@@ -33,8 +33,10 @@ def test_save_checkpoint_is_atomic(tmp_path):
 
 
 def test_resume_without_checkpoint(tiny_cfg):
-    with pytest.raises(CheckpointError, match="no checkpoint at .*ckpt.pt; train one first"):
+    with pytest.raises(CheckpointError, match="no checkpoint at .*ckpt.pt; train one first, or use --init_from=scratch"):
         train(dataclasses.replace(tiny_cfg, init_from="resume"))
+    with pytest.raises(CheckpointError, match="ckpt.pt; train one first, or give the --out_dir of a trained run$"):
+        train(dataclasses.replace(tiny_cfg, eval_only=True))  # nothing to start from scratch
 
 
 def test_truncated_checkpoint(tiny_cfg):

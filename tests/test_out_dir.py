@@ -5,7 +5,7 @@ import os
 import pytest
 
 from checkpoint import load_checkpoint
-from configurator import UserError
+from configurator import ConfigError, UserError
 from helpers import run_in_process
 from train import train
 
@@ -15,6 +15,24 @@ def test_out_dir_that_cannot_be_written(tiny_cfg, tmp_path):
     blocker.write_text("x")
     with pytest.raises(UserError, match="can't write to out_dir"):
         train(dataclasses.replace(tiny_cfg, out_dir=str(blocker / "out")))
+    with pytest.raises(ConfigError, match=f"out_dir '{blocker}' is a file, not a folder; pick another --out_dir"):
+        dataclasses.replace(tiny_cfg, out_dir=str(blocker))  # a setting's check: before anything runs
+    assert blocker.read_text() == "x"
+
+
+def test_fine_tuning_never_replaces_a_trained_run_by_accident(tiny_cfg):
+    """Fine-tuning into an out_dir that holds a trained run (its own source, or another run) is refused
+    with nothing changed there, as a run from scratch is; --overwrite=True replaces it."""
+    train(tiny_cfg)
+    out = tiny_cfg.out_dir
+    before = {name: open(os.path.join(out, name), "rb").read() for name in os.listdir(out) if name != ".lock"}
+    tune = dataclasses.replace(tiny_cfg, init_from=out, max_iters=4, lr_decay_iters=4, warmup_iters=1)
+    with pytest.raises(ConfigError, match=r"holds a trained run \(iteration 40, .*\); fine-tune into another "
+                                          r"--out_dir, or start over there with --overwrite=True"):
+        train(tune)
+    assert {name: open(os.path.join(out, name), "rb").read() for name in os.listdir(out) if name != ".lock"} == before
+    train(dataclasses.replace(tune, overwrite=True))
+    assert load_checkpoint(os.path.join(out, "ckpt.pt"))["iter_num"] == 4
 
 
 def test_a_run_from_scratch_never_replaces_a_trained_one_by_accident(tiny_cfg):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from helpers import REPO, TINY_TEXT
-from configurator import UserError
+from configurator import ConfigError, UserError
 from prepare_shakespeare import BENCHMARKS, DatasetError, main, prepare, prepare_dataset
 from tokenizer import TokenizerError, load_tokenizer
 
@@ -113,6 +113,41 @@ def test_download_skipped_when_verified_copy_exists(tmp_path):
     # an unreachable URL proves no download is attempted
     prepare_dataset("dl", url="http://127.0.0.1:9/none", sha256=GOOD_SHA, data_dir=str(tmp_path))
     assert (out / "train.bin").exists()
+
+
+def test_another_shakespeare_dataset_reuses_the_verified_copy_and_no_other(tmp_path):
+    """The BPE dataset of Tiny Shakespeare takes the character dataset's input.txt, once its SHA-256
+    matches, instead of downloading (an unreachable URL proves it); a copy that does not match is
+    neither used nor changed."""
+    chars = tmp_path / "shakespeare_char"
+    chars.mkdir()
+    (chars / "input.txt").write_text(TINY_TEXT, encoding="utf-8")
+    unreachable = "http://127.0.0.1:9/none"
+    tok = prepare_dataset("bpe", url=unreachable, sha256=GOOD_SHA, data_dir=str(tmp_path), tokenizer="bpe",
+                          vocab_size=260)
+    assert tok.kind == "bpe" and (tmp_path / "bpe" / "input.txt").read_text(encoding="utf-8") == TINY_TEXT
+    (chars / "input.txt").unlink()
+    (chars / "input.txt").write_text("my own notes", encoding="utf-8")
+    with pytest.raises(DatasetError, match="could not download"):
+        prepare_dataset("bpe2", url=unreachable, sha256=GOOD_SHA, data_dir=str(tmp_path))
+    assert (chars / "input.txt").read_text(encoding="utf-8") == "my own notes"
+
+
+def test_another_text_needs_a_dataset_name_of_its_own(tmp_path, capsys):
+    """--input without --dataset writes Tiny Shakespeare's folder, so it must be Tiny Shakespeare (a local
+    copy, for a machine offline); another text is refused there, the prepared set left as it was."""
+    data = tmp_path / "data"
+    shakespeare, mine = tmp_path / "input.txt", tmp_path / "mine.txt"
+    shakespeare.write_text(TINY_TEXT, encoding="utf-8")
+    mine.write_text(TEXT, encoding="utf-8")
+    main(["--input", str(shakespeare), "--sha256", GOOD_SHA, "--data_dir", str(data)])
+    before = {p.name: p.read_bytes() for p in (data / "shakespeare_char").iterdir()}
+    with pytest.raises(ConfigError, match=f"--input {mine} is not Tiny Shakespeare, whose dataset is the default "
+                                          r"\(shakespeare_char\): name your text's dataset, e.g. --dataset=my_text"):
+        main(["--input", str(mine), "--sha256", GOOD_SHA, "--data_dir", str(data)])
+    assert {p.name: p.read_bytes() for p in (data / "shakespeare_char").iterdir()} == before
+    main(["--input", str(mine), "--dataset", "mine", "--data_dir", str(data)])
+    assert (data / "mine" / "input.txt").read_text(encoding="utf-8") == TEXT
 
 
 def test_download_checksum_mismatch_leaves_nothing(server, tmp_path):

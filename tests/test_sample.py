@@ -82,7 +82,8 @@ def test_start_outside_vocabulary(trained):
 def test_missing_checkpoint_gives_the_command(tmp_path):
     r = run_in_process("sample.py", f"--out_dir={tmp_path / 'none'}")
     assert r.returncode == 1 and r.stderr.count("\n") == 1
-    assert "python train.py config/train_shakespeare_char.py" in r.stderr
+    assert r.stderr.rstrip().endswith(f"; train a model first: python train.py config/train_shakespeare_char_cpu.py "
+                                      f"--out_dir={tmp_path / 'none'} (on a GPU: config/train_shakespeare_char.py)")
 
 
 def sampled_text(cfg):
@@ -151,7 +152,8 @@ def test_the_two_commands_of_the_quick_start_work_together(tiny_data, tmp_path):
 def test_no_checkpoint_anywhere_names_the_command(tmp_path):
     r = run_in_process("sample.py", cwd=str(tmp_path))
     assert r.returncode == 1 and r.stderr.count("\n") == 1
-    assert "no checkpoint in any folder under" in r.stderr and "python train.py config/train_shakespeare_char.py" in r.stderr
+    assert "no checkpoint in any folder under" in r.stderr
+    assert "python train.py config/train_shakespeare_char_cpu.py (on a GPU: config/train_shakespeare_char.py)" in r.stderr
 
 
 def test_bigram_checkpoint_samples(tiny_cfg):

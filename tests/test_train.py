@@ -274,13 +274,16 @@ def test_compile_time_is_not_training_time(tiny_cfg, monkeypatch, capsys):
     assert "compiled in 1000.0 s (not counted as training time)" in capsys.readouterr().out
 
 
-def test_raising_the_time_budget_on_resume_does_not_rewind_the_schedule(tiny_cfg, monkeypatch):
+def test_raising_the_time_budget_on_resume_does_not_rewind_the_schedule(tiny_cfg, monkeypatch, capsys):
     use_fake_clock(monkeypatch, tick=1 / 64)
     cfg = dataclasses.replace(tiny_cfg, max_iters=10_000_000, max_seconds=0.3, eval_interval=10_000_000,
                               always_save_checkpoint=True, log_interval=1, warmup_iters=2)
     train(cfg)
     first = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))["iter_num"]
+    capsys.readouterr()
     train(dataclasses.replace(cfg, max_seconds=0.6, init_from="resume"))
+    assert ("resumed with max_seconds=0.6: the learning rate schedule ends where the run's first 0.3 s of training "
+            f"did; the 0.3 s past that train at min_lr ({cfg.min_lr:g})") in capsys.readouterr().out
     with open(os.path.join(cfg.out_dir, "metrics.csv")) as f:
         rows = list(csv.DictReader(f))
     lrs = [float(r["lr"]) for r in rows if r["kind"] == "log"]

@@ -84,7 +84,9 @@ def test_interrupted_twice_equals_uninterrupted(tiny_cfg):
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=120)
         assert seen and proc.returncode == 1, err
-        assert err.strip().splitlines()[-1].startswith("error: stopped by SIG") and "Traceback" not in err
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("stopped by SIG") and "Traceback" not in err
+        assert last.endswith("; to continue, run the same command with --init_from=resume")
         stops.append(load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))["iter_num"])
     assert 25 <= stops[0] < stops[1]  # each run went on from where the last one stopped
     end = next_eval(stops[-1], 25)
