@@ -1,7 +1,7 @@
 """
-A run's out_dir: one run at a time trains into it, and a new run (from scratch, or fine-tuning)
-never replaces the checkpoints of a trained one by accident. (files.py holds the locks and atomic writes this builds on;
-this reads checkpoints, which import files.py, so it has a file of its own.)
+A run's out_dir: one run at a time trains into it, and a new run (from scratch, or fine-tuning) never
+replaces the checkpoints of a trained one by accident. (files.py holds the locks and atomic writes this
+builds on; this reads checkpoints, which import files.py, so it has a file of its own.)
 """
 
 import os
