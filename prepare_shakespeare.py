@@ -124,12 +124,12 @@ def fetch_shakespeare(folder, url=SHAKESPEARE_URL, sha256=SHAKESPEARE_SHA256, sp
     input.txt: the BPE dataset reuses the character one's); returns its path."""
     path = os.path.join(folder, "input.txt")
     if os.path.exists(path):
-        if sha256 and file_digest(path) != sha256:
+        if sha256 and not is_tiny_shakespeare(path, sha256):
             raise DatasetError(f"{path} exists but is not the expected text (SHA-256 differs); "
                                f"move it away to download again, or prepare it as a dataset of its own: "
                                f"--input {path} --dataset=NAME")
         print(f"{path} is already there, skipping download")
-    elif spare and sha256 and os.path.abspath(spare) != os.path.abspath(path) and is_tiny_shakespeare(spare, sha256):
+    elif spare and sha256 and is_tiny_shakespeare(spare, sha256):  # spare is not path: that does not exist
         os.makedirs(folder, exist_ok=True)
         link_or_copy(spare, path)
         print(f"{path}: the verified copy at {spare}, skipping download")
