@@ -17,11 +17,14 @@ how fast this machine runs each shape. So the rule measures that, then predicts:
    ends (best_tokens_m), the run ends there instead. Dropout costs a short run but lets a model
    train far longer before that: it wins the long budgets.
 A candidate is only measured while it could still beat the best so far (none is faster than the
-slowest measured before it), which keeps the measurement to seconds; that time comes out of the budget.
+slowest measured before it), and its steps stop where they would take more than MEASURE_SHARE of the
+budget, all candidates together (a model that slow gets too few steps to win): the measurement takes
+seconds, and they come out of the budget.
 """
 
 import csv
 import itertools
+import math
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -48,7 +51,7 @@ CHOSEN = ("n_layer", "n_embd", "n_head", "learning_rate", "dropout")
 # model) and less from each token (B_DROPOUT > B), but memorises far later (C_DROPOUT < C).
 E, A, ALPHA, B, BETA, C = 1.171497, 0.139479, 0.36, 0.327675, 0.72, 0.005436
 A_DROPOUT, B_DROPOUT, C_DROPOUT = 0.186607, 0.471175, 0.00059
-MEASURE_SHARE = 0.05  # past this share of the budget, measuring stops (with at least one candidate)
+MEASURE_SHARE = 0.05  # the most of the budget the measurement takes (but one candidate is always measured)
 
 
 def derived_settings(n_embd, optimizer, given):
@@ -158,17 +161,19 @@ def shape_name(cfg):
     return f"{cfg.n_layer} x {cfg.n_embd}" + (f" dropout {cfg.dropout:g}" if cfg.dropout else "")
 
 
-def choose(cfg, seconds_per_iter, budget_seconds, out_of_time=lambda: False):
+def choose(cfg, seconds_per_iter, budget_seconds, time_left=lambda: math.inf):
     """The candidate predicted to reach the lowest val loss in budget_seconds, given
-    seconds_per_iter(candidate cfg), the measurement, until out_of_time(). Returns (the best Choice,
-    every Choice measured)."""
+    seconds_per_iter(candidate cfg, the seconds its steps may take), the measurement, while time_left()
+    of its share. Returns (the best Choice, every Choice measured)."""
     tokens_m_per_iter = tokens_per_iter(cfg) / 1e6
     pending = [(c, model_params_m(c)) for c in candidates(cfg)]
     measured, slowest = [], 0.0
     for i, (candidate, params_m) in enumerate(pending):
         best = min(measured, key=lambda c: c.loss, default=None)
+        left = math.inf  # the first candidate is measured in full: some model has to train
         if best:
-            if out_of_time():
+            left = time_left()
+            if left <= 0:
                 break
             # a later candidate (bigger, or with dropout) is no faster than the slowest measured: the
             # most tokens it could get; measure it only if that could beat the best
@@ -180,10 +185,12 @@ def choose(cfg, seconds_per_iter, budget_seconds, out_of_time=lambda: False):
                 break
             if not could_win[0]:
                 continue
-        seconds = seconds_per_iter(candidate)
+        seconds = seconds_per_iter(candidate, left)
+        if seconds == math.inf:
+            break  # its steps alone would overrun the share: too slow to win, as is every later one
         slowest = max(slowest, seconds)
         iters = int(budget_seconds / seconds)
-        loss = predicted_loss(params_m, iters * tokens_m_per_iter, candidate.dropout) if iters else float("inf")
+        loss = predicted_loss(params_m, iters * tokens_m_per_iter, candidate.dropout) if iters else math.inf
         measured.append(Choice(candidate, seconds, iters, params_m, loss))
     best = min(measured, key=lambda c: c.loss)
     if best.iters == 0:
@@ -205,7 +212,7 @@ def sized_for_budget(cfg, seconds_per_iter, clock=time.perf_counter):
                         f"text by heart" if chosen.max_iters < cfg.max_iters else None), 0.0
     t0 = clock()
     best, measured = choose(cfg, seconds_per_iter, cfg.max_seconds,
-                            out_of_time=lambda: clock() - t0 > MEASURE_SHARE * cfg.max_seconds)
+                            time_left=lambda: MEASURE_SHARE * cfg.max_seconds - (clock() - t0))
     spent = clock() - t0
     chosen = with_stop(best.cfg, best.params_m)
     iters_left = min(int(max(cfg.max_seconds - spent, 0.0) / best.seconds_per_iter), cfg.max_iters)
@@ -232,10 +239,10 @@ def shapes_for_budgets(cfg, seconds_per_iter, budgets):
     measured once): for bench.py."""
     cache = {}
 
-    def cached(candidate):
+    def cached(candidate, time_left=math.inf):
         key = (candidate.n_layer, candidate.n_embd, candidate.n_head, candidate.dropout)
         if key not in cache:
-            cache[key] = seconds_per_iter(candidate)
+            cache[key] = seconds_per_iter(candidate, time_left)
         return cache[key]
 
     return {b: choose(replace(cfg, max_seconds=b), cached, b)[0] for b in budgets}

@@ -154,16 +154,17 @@ def lr_now(progress, cfg):
 # The model for the budget: sizing.py's rule, on this machine's measured speed
 
 def step_timer(tokens, vocab_size, device, dtype, procs=Processes(), steps=2):
-    """seconds_per_iter(candidate): the median of `steps` training steps of candidate's shape on
-    tokens (a TokenFile), after one that warms up, run as train() runs them (uncompiled: compiling
-    each candidate would cost more than it tells). On a CPU that other programs keep busy, says so
-    once (device.busy_cpu_line): the speeds it measures are then the busy machine's."""
+    """seconds_per_iter(candidate, time_left): the median of `steps` training steps of candidate's
+    shape on tokens (a TokenFile), after one that warms up, run as train() runs them (uncompiled:
+    compiling each candidate would cost more than it tells); inf, and no more steps, once the next
+    step (as long as the last) would end past time_left seconds. On a CPU that other programs keep
+    busy, says so once (device.busy_cpu_line): the speeds it measures are then the busy machine's."""
     ctx = autocast_context(device, dtype)
     scaler = torch.amp.GradScaler(torch.device(device).type, enabled=(dtype == "float16"))
     importlib.import_module("torch._dynamo")  # the first optimizer imports it (seconds, once): not the shapes' time
     said_busy = False
 
-    def seconds_per_iter(candidate):
+    def seconds_per_iter(candidate, time_left=math.inf):
         nonlocal said_busy
         torch.manual_seed(candidate.seed)
         model = build_model(GPTConfig.from_settings(candidate, vocab_size=vocab_size))
@@ -174,6 +175,8 @@ def step_timer(tokens, vocab_size, device, dtype, procs=Processes(), steps=2):
                                np.random.default_rng(candidate.seed), device, procs)
         times, thread_times = [], []  # and how long this thread ran in each: did other programs take some?
         for _ in range(steps + 1):
+            if times and sum(times) + times[-1] > time_left:
+                return from_rank0(math.inf, procs, device)
             t0, thread_t0 = time.perf_counter(), time.thread_time()
             train_step(model, optimizer, scaler, batches.next_step(), micro_steps, ctx, candidate.grad_clip,
                        candidate.learning_rate).item()

@@ -3,6 +3,7 @@ what it keeps of the user's settings, and what a run records of its choice."""
 
 import csv
 import json
+import math
 import os
 from dataclasses import replace
 
@@ -12,9 +13,10 @@ import sizing
 from configurator import ConfigError, configure
 from checkpoint import load_checkpoint
 from helpers import REPO, run_in_process, use_fake_clock
-from sizing import (DROPOUT, SHAPES, best_iters, best_tokens_m, candidates, choose, derived_settings, fit_loss,
+from sizing import (DROPOUT, MEASURE_SHARE, SHAPES, best_iters, best_tokens_m, candidates, choose, derived_settings, fit_loss,
                     model_params_m, predicted_loss, read_runs, sized_for_budget, tokens_per_iter)
-from train import TrainConfig, train
+from dataset import load_dataset, split_file
+from train import TrainConfig, step_timer, train
 
 CPU_RECIPE = os.path.join(REPO, "config", "train_shakespeare_char_cpu.py")
 
@@ -23,15 +25,21 @@ def recipe(*overrides):
     return configure(TrainConfig, [CPU_RECIPE, *overrides])
 
 
-def machine(flops_per_second, overhead=0.0, measured=None):
+def machine(flops_per_second, overhead=0.0, measured=None, clock=None):
     """A stub measurement: the seconds an iteration of each candidate takes on a machine that runs
-    flops_per_second, after a fixed overhead a step (a GPU's kernel launches); records what it measured."""
-    def seconds_per_iter(candidate):
+    flops_per_second, after a fixed overhead a step (a GPU's kernel launches); records what it measured.
+    As train.step_timer, it times three steps, stops (inf) where the next would end past time_left, and
+    adds the seconds its steps took to clock[0]."""
+    def seconds_per_iter(candidate, time_left=math.inf):
         if measured is not None:
             measured.append((candidate.n_layer, candidate.n_embd, candidate.dropout))
         tokens = candidate.batch_size * candidate.block_size
         dropout_cost = 1.05 if candidate.dropout else 1.0  # dropout's masks: a little more work a step
-        return overhead + dropout_cost * 6 * model_params_m(candidate) * 1e6 * tokens / flops_per_second
+        seconds = overhead + dropout_cost * 6 * model_params_m(candidate) * 1e6 * tokens / flops_per_second
+        steps = next((n for n in (1, 2) if (n + 1) * seconds > time_left), 3)
+        if clock is not None:
+            clock[0] += steps * seconds
+        return seconds if steps == 3 else math.inf
     return seconds_per_iter
 
 
@@ -159,7 +167,7 @@ def test_settings_that_leave_one_shape_are_not_measured_and_the_line_gives_its_s
         cfg = recipe("--n_layer=3", "--n_embd=80", "--n_head=5", f"--dropout={dropout}")
         only = replace(cfg, learning_rate=1e-2)  # the rate that follows the width, not given
         stop = best_iters(only)
-        assert sized_for_budget(cfg, lambda c: pytest.fail("measured")) == (
+        assert sized_for_budget(cfg, lambda c, time_left: pytest.fail("measured")) == (
             replace(only, max_iters=stop), f"sized for 100 s: {shape} as given; it stops at {stop:,} iterations if "
                                            f"the budget lasts that long: more would only learn the text by heart", 0.0)
     with_dropout = recipe("--n_layer=3", "--n_embd=80", "--n_head=5", "--dropout=0.2")  # not in the fit: no stop
@@ -173,10 +181,33 @@ def test_settings_that_leave_one_shape_are_not_measured_and_the_line_gives_its_s
 
 def test_the_measurement_stops_at_its_share_of_the_budget_and_refuses_a_budget_shorter_than_a_step():
     measured = []
-    best, _ = choose(recipe(), machine(2e10, measured=measured), 100, out_of_time=lambda: True)
+    best, _ = choose(recipe(), machine(2e10, measured=measured), 100, time_left=lambda: 0.0)
     assert measured == [(*SHAPES[0], 0.0)] and (best.cfg.n_layer, best.cfg.n_embd) == SHAPES[0]
+    # 30 s on a slow machine: 4 x 96 could win, but its steps would overrun the share: they stop there,
+    # it is neither timed nor chosen, and no later candidate is measured
+    clock, measured = [0.0], []
+    cfg, line, spent = sized_for_budget(recipe("--max_seconds=30"), machine(1e10, measured=measured, clock=clock),
+                                        clock=lambda: clock[0])
+    assert measured[-1] == (4, 96, 0.0) and "4 x 96" not in line and (cfg.n_layer, cfg.n_embd) == (4, 64)
+    assert 1.0 < spent <= MEASURE_SHARE * 30 and f"in {spent:.1f} s of the budget" in line
+    clock, unbounded = [0.0], []
+    choose(recipe("--max_seconds=30"), machine(1e10, measured=unbounded, clock=clock), 30)
+    assert unbounded == measured and clock[0] > 1.5 * MEASURE_SHARE * 30  # timed in full, it would overrun
     with pytest.raises(ConfigError, match=r"max_seconds=0.01 is shorter than one step of the smallest model \(4 x 64"):
         choose(recipe(), machine(1e9), 0.01)
+
+
+def test_the_step_timer_stops_where_its_next_step_would_end_past_the_time_left(tiny_cfg, monkeypatch):
+    import train as train_module
+    use_fake_clock(monkeypatch, tick=1 / 64)  # a step lasts one tick
+    steps, train_step = [], train_module.train_step
+    monkeypatch.setattr(train_module, "train_step", lambda *args: steps.append(1) or train_step(*args))
+    timer = step_timer(split_file(tiny_cfg, "train"), load_dataset(tiny_cfg).vocab_size, "cpu", "float32")
+    assert timer(tiny_cfg) == 1 / 64 and len(steps) == 3  # a warm-up step and two timed
+    steps.clear()
+    assert timer(tiny_cfg, time_left=3 / 64) == 1 / 64 and len(steps) == 3
+    steps.clear()
+    assert timer(tiny_cfg, time_left=2.5 / 64) == math.inf and len(steps) == 2  # a third would end at 3 ticks
 
 
 def test_the_measurement_comes_out_of_the_budget():
@@ -285,7 +316,7 @@ def test_a_sized_run_ends_at_its_best_iterations_its_schedule_complete_and_resum
     with open(tmp_path / "out" / "config.json") as f:
         assert json.load(f)["max_iters"] == 12
     # with a dropout the fit knows nothing of, the budget ends the run
-    with_dropout, _, _ = sized_for_budget(replace(cfg, dropout=0.2), lambda c: 1 / 64, clock=lambda: 0.0)
+    with_dropout, _, _ = sized_for_budget(replace(cfg, dropout=0.2), lambda c, time_left: 1 / 64, clock=lambda: 0.0)
     assert with_dropout.max_iters == cfg.max_iters
     interrupted = sized_run(tiny_data, tmp_path / "again", "--max_seconds=1", "--always_save_checkpoint=True")
     train(replace(interrupted, max_iters=5))  # stopped at 5, as by Ctrl-C
