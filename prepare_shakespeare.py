@@ -185,9 +185,8 @@ def split_bounds(n, test_fraction):
     """The splits of n units (characters, or bytes): [(name, first, end)], train first, test last."""
     train_end, test_start = int(n * TRAIN_FRACTION), n - int(n * test_fraction)
     if train_end == 0 or train_end >= test_start:
-        raise DatasetError(f"the text has only {n} characters, too few to split into train, val and test"
-                           if test_fraction else f"the text has only {n} characters, too few to split into "
-                                                 f"train and val")
+        splits = "train, val and test" if test_fraction else "train and val"
+        raise DatasetError(f"the text has only {n} character{'' if n == 1 else 's'}, too few to split into {splits}")
     bounds = [("train", 0, train_end), ("val", train_end, test_start)]
     return bounds + [("test", test_start, n)] if test_start < n else bounds
 

@@ -37,6 +37,7 @@ def test_prepare_writes_splits_and_meta(tmp_path):
 
 
 @pytest.mark.parametrize("content, message", [(b"", "the input is empty"),
+                                              (b"a", "the text has only 1 character, too few to split into train and val$"),
                                               (b"ok\n\xff\xfe bad", r"in.txt is not UTF-8 text \(invalid start byte at byte 3\)")])
 def test_bad_input_text(tmp_path, content, message):
     path = tmp_path / "in.txt"
