@@ -44,17 +44,16 @@ def configure(config_class, argv):
         raise SystemExit(0)
     fields = {f.name: f for f in dataclasses.fields(config_class)}
     values = {}
-    for arg in argv:
-        if arg.startswith("--"):
-            key, sep, raw = arg[2:].partition("=")
-            if not sep:
-                raise ConfigError(f"'{arg}' has no value; write --{key}=VALUE")
-            _check_known(key, fields, f"'--{key}'", config_class)
-            values[key] = _coerce(key, _parse_literal(raw), fields[key].type, f"--{key}")
-        else:
-            for key, value in read_config_file(arg).items():
-                _check_known(key, fields, f"'{key}' in {arg}", config_class)
-                values[key] = _coerce(key, value, fields[key].type, arg)
+    for arg in [a for a in argv if not a.startswith("--")]:  # config files first, in order
+        for key, value in read_config_file(arg).items():
+            _check_known(key, fields, f"'{key}' in {arg}", config_class)
+            values[key] = _coerce(key, value, fields[key].type, arg)
+    for arg in [a for a in argv if a.startswith("--")]:  # then the overrides, wherever they were typed
+        key, sep, raw = arg[2:].partition("=")
+        if not sep:
+            raise ConfigError(f"'{arg}' has no value; write --{key}=VALUE")
+        _check_known(key, fields, f"'--{key}'", config_class)
+        values[key] = _coerce(key, _command_line_value(raw, fields[key].type), fields[key].type, f"--{key}")
     if "given_settings" in fields:  # for settings that follow others unless given (sizing.py)
         values["given_settings"] = tuple(sorted(values))
     return config_class(**values)
@@ -164,9 +163,23 @@ def _parse_literal(raw):
         return raw  # a bare string such as cpu or out-shakespeare-char
 
 
+def _command_line_value(raw, annotation):
+    """The value of --key=raw: a Python literal, or the text itself where the setting takes a string
+    and not what the literal is (--start=42 is the prompt "42", --out_dir=2024 a folder)."""
+    value = _parse_literal(raw)
+    allowed = _allowed_types(annotation)
+    return raw if str in allowed and not any(type(value) is t for t in allowed) else value
+
+
+def _allowed_types(annotation):
+    """The types a field's annotation allows: (int,) for int, (str, NoneType) for str | None."""
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    return typing.get_args(annotation) if union else (annotation,)
+
+
 def _coerce(key, value, annotation, where):
     """Check value against the field's type; an int is accepted where a float is expected."""
-    allowed = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else (annotation,)
+    allowed = _allowed_types(annotation)
     for t in allowed:
         if t is type(None) and value is None:
             return None

@@ -39,7 +39,21 @@ def test_config_file_then_override(tmp_path):
     path = tmp_path / "my_config.py"
     path.write_text("import math\nbatch_size = 4\nlearning_rate = 2 * 1e-3\n_private = 3\n")
     cfg = configure(Cfg, [str(path), "--batch_size=8"])
-    assert cfg.batch_size == 8 and cfg.learning_rate == 2e-3  # later arguments win
+    assert cfg.batch_size == 8 and cfg.learning_rate == 2e-3
+    assert configure(Cfg, ["--batch_size=8", str(path)]) == cfg  # an override wins wherever it is typed
+    other = tmp_path / "other.py"
+    other.write_text("batch_size = 6\n")
+    assert configure(Cfg, [str(path), str(other)]).batch_size == 6  # of two files, the later wins
+
+
+def test_a_text_setting_takes_text_that_looks_like_a_number():
+    @dataclass
+    class Text:
+        start: str = "\n"
+        run_name: str | None = None
+    assert configure(Text, ["--start=42", "--run_name=2024"]) == Text(start="42", run_name="2024")
+    assert configure(Text, ["--run_name=None"]).run_name is None
+    assert configure(Cfg, ["--out_dir=3"]).out_dir == "3"
 
 
 def test_shipped_configs_load():
@@ -68,7 +82,6 @@ def test_the_settings_given_are_recorded():
     (["--compile=yes"], "compile must be bool, got 'yes'"),
     (["--learning_rate=fast"], "learning_rate must be float"),
     (["--top_k=1.5"], "top_k must be int or None"),
-    (["--out_dir=3"], "out_dir must be str, got 3"),
     (["--batch_size"], "has no value"),
     (["no_such_config.py"], "config file 'no_such_config.py' not found"),
 ])
