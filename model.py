@@ -385,6 +385,10 @@ class Bigram(nn.Module):
     def flops_per_token(self):
         return 6 * self.get_num_params()  # the lookup is a one-hot matmul with the table
 
+    def crop_block_size(self, block_size):
+        """As GPT.crop_block_size: the table has no positions to cut, only the context to record."""
+        self.config.block_size = block_size
+
     @torch.inference_mode()
     def generate_tokens(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True, generator=None):
         """As GPT.generate_tokens; the next character depends on the last one only, so no cache."""

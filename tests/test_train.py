@@ -147,6 +147,10 @@ def test_bigram_baseline_trains(tiny_cfg):
     model = model_from_checkpoint(load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt")))
     assert type(model).__name__ == "Bigram" and model.get_num_params() == model.config.vocab_size ** 2
     assert losses["val"] < math.log(model.config.vocab_size) - 0.5
+    # fine-tuned with a shorter context: a table has no positions to crop, the run records the context
+    tuned = dataclasses.replace(cfg, init_from=cfg.out_dir, out_dir=cfg.out_dir + "-ft", block_size=4, max_iters=5)
+    train(tuned)
+    assert load_checkpoint(os.path.join(tuned.out_dir, "ckpt.pt"))["model_args"]["block_size"] == 4
 
 
 def test_fine_tune_from_out_dir(tiny_cfg, tiny_data):
