@@ -44,10 +44,10 @@ class SampleConfig(DeviceSettings):
             raise ConfigError(f"init_from must be 'resume' (sample the checkpoint in out_dir), got '{self.init_from}'")
 
 
-def load_model_and_tokenizer(cfg, device):
-    """The checkpoint's model and vocabulary."""
+def load_model_and_tokenizer(cfg):
+    """The checkpoint's model (on the CPU) and vocabulary."""
     path = find_checkpoint(cfg.out_dir)
-    checkpoint = load_checkpoint(path, device, hint=f"; {how_to_train_first(cfg.out_dir)}")
+    checkpoint = load_checkpoint(path, hint=f"; {how_to_train_first(cfg.out_dir)}")
     return model_from_checkpoint(checkpoint), checkpoint_tokenizer(checkpoint, path, cfg.data_dir)
 
 
@@ -75,7 +75,7 @@ def sample(cfg, out=sys.stdout):
     device = select_device(cfg.device)
     dtype = select_sampling_dtype(cfg.dtype, device, cfg.num_samples)
     torch.manual_seed(cfg.seed)
-    model, tok = load_model_and_tokenizer(cfg, device)
+    model, tok = load_model_and_tokenizer(cfg)
     # Each new token reads every weight, so sampling is bound by reading them: weights stored in the
     # sampling dtype (rather than cast by autocast at every step) make it faster.
     model.eval().to(device=device, dtype=getattr(torch, dtype))

@@ -3,7 +3,7 @@ Train a character-level GPT.
 
     python train.py config/train_shakespeare_char.py          # the GPU recipe
     python train.py config/train_shakespeare_char_cpu.py      # 100 seconds on a laptop CPU
-    torchrun --standalone --nproc_per_node=4 train.py config/train_shakespeare_char.py
+    torchrun --standalone --nproc_per_node=4 train.py config/train_shakespeare_char.py --gradient_accumulation_steps=4
 
 Any setting can be overridden with --key=value. This file is the recipe, top to bottom: the
 settings, the learning rate schedule, one optimizer step, the evaluations, then train(), the loop.
@@ -370,7 +370,7 @@ def kept_model_loss(cfg, progress, device, ctx):
     path = os.path.join(cfg.out_dir, CKPT_NAME)
     if not os.path.exists(path):
         return None
-    checkpoint = load_checkpoint(path, device)
+    checkpoint = load_checkpoint(path)  # on the CPU: only its model goes to the device, not its optimizer
     if checkpoint["iter_num"] == progress.iter_num:
         return None
     loss, _, _ = final_val_loss(model_from_checkpoint(checkpoint).to(device), cfg, device, ctx)
@@ -396,7 +396,8 @@ def report_end(cfg, progress, paused_seconds, val_full, covered, bpc, val_second
 # The recipe
 
 def train(cfg):
-    """Train the model cfg describes; return the last evaluation's losses (and the whole val split's)."""
+    """Train the model cfg describes; return the last evaluation's losses and the end-of-run val
+    pass's (final_val_loss: the whole val split, or an even sample of a very large one)."""
     procs, device = start_processes(cfg.device, cfg.backend)
     reuse_freed_memory(device)  # on a CPU: large activations, freed and allocated every step, stay mapped
     micro_steps = micro_steps_per_process(cfg, procs)
