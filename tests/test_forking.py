@@ -59,7 +59,7 @@ def test_an_idea_added_in_model_py_alone_works_in_every_script(tmp_path):
     checkpoint = torch.load(ckpt_path, weights_only=True)
     assert checkpoint["model_args"]["hidden_gain"] == 3.0 and checkpoint["iter_num"] == 12
 
-    # sample.py on each CPU path: one stream in bf16 (matrix-vector layers), several (packed layers),
+    # sample.py on each CPU path: one stream in bf16 (one-token steps without oneDNN), several (packed layers),
     # float32; the same checkpoint with the idea's gain set back to 1.0 must sample other text
     plain = dict(checkpoint, model_args=dict(checkpoint["model_args"], hidden_gain=1.0))
     os.makedirs(root / "plain")
