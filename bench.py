@@ -27,7 +27,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from configurator import as_config_error, check, configure, run_main
+from configurator import as_config_error, check, check_seed, configure, run_main
 from sizing import best_iters, shapes_for_budgets
 from device import (DeviceSettings, autocast_context, describe_dtype, matmul_peak_flops, newton_schulz_dtype,
                     reuse_freed_memory, select_device, select_dtype, select_sampling_dtype, synchronize, use_compile)
@@ -60,6 +60,7 @@ class BenchConfig(GPTConfig, DeviceSettings):
     def __post_init__(self):
         for key in ("batch_size", "steps", "rounds", "sample_tokens", "num_samples"):
             check(getattr(self, key) > 0, key, getattr(self, key), "positive")
+        check_seed(self.seed)
         self.check_device_settings()
         as_config_error(super().__post_init__)  # the model's settings: GPTConfig's checks
 

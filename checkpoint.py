@@ -200,6 +200,7 @@ def init_model(cfg, tok, device):
     resuming = cfg.init_from == "resume" and not cfg.eval_only
     if resuming:
         check_resume_settings(cfg, checkpoint.get("config", {}), path)
+        refuse_resuming_a_finished_run(cfg, Progress.from_checkpoint(checkpoint), path)
     model = model_from_checkpoint(checkpoint)
     if not same_vocabulary(checkpoint, tok):
         raise CheckpointError(f"{path} was trained with another vocabulary than dataset '{cfg.dataset}' has "
@@ -244,6 +245,20 @@ def check_resume_settings(cfg, saved, path):
             raise ConfigError(f"{path} was trained with {key}={value!r}, not {getattr(cfg, key)!r}: resume with "
                               f"--{key}={value} (or the run's config file), or start a new run from its weights "
                               f"with --init_from={os.path.dirname(path) or '.'} --out_dir=ANOTHER_FOLDER")
+
+
+def refuse_resuming_a_finished_run(cfg, progress, path):
+    """A run that has trained its max_iters, or its max_seconds, has nothing left to train: resuming
+    it would only evaluate it again (and its progress bar would start past its end)."""
+    if progress.iter_num >= cfg.max_iters:
+        why = (f"the {cfg.max_iters:,} iterations sizing.py stops it at (more would only learn the text by heart)"
+               if cfg.size_to_budget else f"its max_iters={cfg.max_iters}; give a larger --max_iters to go on")
+    elif 0 < cfg.max_seconds <= progress.train_seconds + progress.set_aside_seconds:
+        why = f"{progress.train_seconds:.1f} s of max_seconds={cfg.max_seconds:g}; give a larger --max_seconds to go on"
+    else:
+        return
+    raise ConfigError(f"{path} is a finished run: it has trained {why}; python sample.py "
+                      f"--out_dir={os.path.dirname(path) or '.'} samples it")
 
 
 @dataclass

@@ -201,6 +201,11 @@ def check(ok, key, value, allowed):
         raise ConfigError(f"{key} must be {allowed}, got {value!r}")
 
 
+def check_seed(seed):
+    """A seed numpy and torch both take (numpy's generators refuse negative ones)."""
+    check(0 <= seed < 2 ** 63, "seed", seed, "between 0 and 2**63 - 1")
+
+
 def as_config_error(checks):
     """Run checks() that raise ValueError (those of a class that stands alone, such as GPTConfig in
     model.py) as a config's checks: one-line ConfigErrors."""

@@ -43,17 +43,19 @@ class MetricsLog:
     WANDB_NAMES = {"train_loss": "train/loss", "val_loss": "val/loss",  # nanoGPT's names for them
                    "train_bpc": "train/bpc", "val_bpc": "val/bpc"}
 
-    def __init__(self, path, resume_from=None, wandb_run=None):
+    def __init__(self, path, resume_from=None, wandb_run=None, evaluates_again=True):
         self.path, self.wandb_run = path, wandb_run
         if path is None:
             return
         rows = []
         try:
             if resume_from is not None and os.path.exists(path):
-                # keep what led up to the checkpoint; its eval row comes again from the resumed run
+                # keep what led up to the checkpoint; its eval row, where the resumed run evaluates again
+                # (an iteration on eval_interval), comes again from there
                 with open(path, newline="") as f:
                     rows = [r for r in csv.DictReader(f) if r.get("iter", "").isdigit() and (
-                        int(r["iter"]) < resume_from or (int(r["iter"]) == resume_from and r["kind"] == "log"))]
+                        int(r["iter"]) < resume_from or (int(r["iter"]) == resume_from and
+                                                         (r["kind"] == "log" or not evaluates_again)))]
             with open(path, "w", newline="") as f:
                 writer = csv.DictWriter(f, self.COLUMNS, extrasaction="ignore")
                 writer.writeheader()
@@ -107,8 +109,8 @@ class TrainingLog:
         self.timed = cfg.max_seconds > 0
         resumed = cfg.init_from == "resume"
         self.metrics = MetricsLog(os.path.join(cfg.out_dir, "metrics.csv") if master else None,
-                                  resume_from=progress.iter_num if resumed else None,
-                                  wandb_run=wandb_run)
+                                  resume_from=progress.iter_num if resumed else None, wandb_run=wandb_run,
+                                  evaluates_again=progress.iter_num % cfg.eval_interval == 0)
         self.bar = tqdm(total=cfg.max_seconds if self.timed else cfg.max_iters,
                         initial=progress.train_seconds if self.timed else progress.iter_num,
                         unit="s" if self.timed else "it", disable=not master, dynamic_ncols=True,

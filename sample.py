@@ -13,7 +13,7 @@ import torch
 
 from checkpoint import (checkpoint_tokenizer, find_checkpoint, how_to_train_first, load_checkpoint, model_from_checkpoint,
                         refuse_gpt2_weights)
-from configurator import ConfigError, UserError, check, configure, run_main
+from configurator import ConfigError, UserError, check, check_seed, configure, run_main
 from device import DeviceSettings, out_of_memory_in_one_line, select_device, select_sampling_dtype, use_compile
 from speedups import speed_up_sampling
 
@@ -37,6 +37,7 @@ class SampleConfig(DeviceSettings):
         check(self.start != "", "start", self.start, "a prompt of at least one character, e.g. --start=ROMEO:")
         check(self.num_samples > 0, "num_samples", self.num_samples, "positive")
         check(self.max_new_tokens > 0, "max_new_tokens", self.max_new_tokens, "positive")
+        check_seed(self.seed)
         check(self.temperature >= 0, "temperature", self.temperature, ">= 0 (0: always the most likely character)")
         check(self.top_k is None or self.top_k > 0, "top_k", self.top_k, "positive, or None for all characters")
         self.check_device_settings()

@@ -216,6 +216,9 @@ def sized_for_budget(cfg, seconds_per_iter, clock=time.perf_counter):
     spent = clock() - t0
     chosen = with_stop(best.cfg, best.params_m)
     iters_left = min(int(max(cfg.max_seconds - spent, 0.0) / best.seconds_per_iter), cfg.max_iters)
+    if iters_left == 0:
+        raise ConfigError(f"max_seconds={cfg.max_seconds:g} is used up by measuring the model's speed ({spent:.1f} s; "
+                          f"a step of {best.shape()} takes {best.seconds_per_iter:.2f} s); give a longer budget")
     line = (f"sized for {cfg.max_seconds:g} s: {best.shape()} ({best.params_m:.2f}M parameters, {best.cfg.n_head} "
             f"heads, learning rate {best.cfg.learning_rate:.2g}), "
             + (f"{chosen.max_iters:,} iterations (about {chosen.max_iters * best.seconds_per_iter:.0f} s): more "
@@ -287,6 +290,11 @@ def read_runs(path):
 
 
 if __name__ == "__main__":
+    if len(sys.argv) != 2 or sys.argv[1] in ("-h", "--help"):
+        asked = sys.argv[1:] in (["-h"], ["--help"])
+        print("usage: python sizing.py RUNS.csv: fits predicted_loss's constants to the runs in RUNS.csv "
+              "(docs/sizing_runs.csv: the fit in this file)", file=sys.stdout if asked else sys.stderr)
+        sys.exit(0 if asked else 2)
     *constants, rms = fit_loss(read_runs(sys.argv[1]))
     print("E, A, ALPHA, B, BETA, C = " + ", ".join(repr(c) for c in constants[:6]))
     print("A_DROPOUT, B_DROPOUT, C_DROPOUT = " + ", ".join(repr(c) for c in constants[6:]) + f"  # RMS error {rms:.4f}")

@@ -27,7 +27,8 @@ import torch
 from checkpoint import (CKPT_NAME, RESUME_NAME, Progress, capture_rng, checkpoint_to_load, init_model,
                         load_checkpoint, model_from_checkpoint, refuse_gpt2_weights, restore_training_state,
                         save_checkpoint, training_checkpoint)
-from configurator import ConfigError, UserError, as_config_error, check, check_choice, configure, run_main
+from configurator import (ConfigError, UserError, as_config_error, check, check_choice, check_seed, configure,
+                          run_main)
 from dataset import TrainBatches, bits_per_char_scales, load_dataset, split_file
 from device import (DeviceSettings, autocast_context, busy_cpu_line, check_replicas_agree, describe_dtype,
                     end_processes, Processes, from_rank0, gather_from_all, matmul_peak_flops, newton_schulz_dtype,
@@ -92,6 +93,8 @@ class TrainConfig(GPTConfig, DeviceSettings):
     def __post_init__(self):
         """Every setting is checked here, where it is declared: a bad value stops the run before it starts."""
         lowest_lr = self.learning_rate
+        check(self.n_embd > 0, "n_embd", self.n_embd, "positive")  # before sizing.py divides by it
+        check_seed(self.seed)
         if self.size_to_budget:  # the shape is sizing.py's to choose: check the model's settings with its first
             tried = candidate_settings(self)
             as_config_error(lambda: GPTConfig.from_settings(self, **{k: v for k, v in tried[0].items()

@@ -124,6 +124,9 @@ train --eval_split=train                                           | eval_split 
 train --eval_only=True --eval_split=test                           | has no test split
 train --dataset=../elsewhere                                       | dataset must be the name of a folder under data_dir
 train --n_layer=2.5                                                | n_layer must be int
+train config/train_shakespeare_char_cpu.py --n_embd=0              | n_embd must be positive, got 0
+train --seed=-1                                                    | seed must be between 0 and 2**63 - 1, got -1
+train --init_from=resume                                           | is a finished run: it has trained its max_iters=10; give a larger --max_iters to go on
 train --batch_size                                                 | '--batch_size' has no value
 # train.py: files
 train no/such/config.py                                            | config file 'no/such/config.py' not found
@@ -148,6 +151,7 @@ train --init_from=resume '--out_dir={d}/nowhere'                   | no checkpoi
 train --eval_only=True '--out_dir={d}/nowhere'                     | no checkpoint at {d}/nowhere/ckpt.pt
 # sample.py
 sample --start=                                                    | start must be a prompt of at least one character
+sample --seed=99999999999999999999                                 | seed must be between 0 and 2**63 - 1
 sample '--start=FILE:{d}/empty.txt'                                | the prompt file {d}/empty.txt is empty
 sample '--start=FILE:{d}/folder'                                   | is a folder; give a text file
 sample '--start=FILE:{d}/latin1.txt'                               | is not UTF-8 text
@@ -184,6 +188,7 @@ prepare --url ftp://x/y                                            | --url must 
 prepare --sha256 abc                                               | --sha256 must be 64 hexadecimal digits
 # bench.py
 bench --steps=0                                                    | steps must be positive
+bench --seed=-1                                                    | seed must be between 0 and 2**63 - 1
 bench --n_embd=100 --n_head=3                                      | n_embd=100 is not divisible by n_head=3
 bench --device=gpu                                                 | device must be auto, cpu, cuda, cuda:N or mps
 """

@@ -210,6 +210,13 @@ def test_the_step_timer_stops_where_its_next_step_would_end_past_the_time_left(t
     assert timer(tiny_cfg, time_left=2.5 / 64) == math.inf and len(steps) == 2  # a third would end at 3 ticks
 
 
+def test_a_budget_the_measurement_uses_up_is_refused():
+    readings = iter([0.0])  # the measurement takes 200 s of a 100 s budget (a machine far busier than it was)
+    with pytest.raises(ConfigError, match=r"max_seconds=100 is used up by measuring the model's speed \(200.0 s; a "
+                                          r"step of 4 x 64 takes .* s\); give a longer budget"):
+        sized_for_budget(recipe(), machine(2e10), clock=lambda: next(readings, 200.0))
+
+
 def test_the_measurement_comes_out_of_the_budget():
     readings = iter([10.0])  # the clock reads 10.0 before measuring, 12.5 at every reading after
     cfg, line, spent = sized_for_budget(recipe(), machine(2e10), clock=lambda: next(readings, 12.5))
@@ -253,6 +260,15 @@ def test_train_sizes_the_model_records_the_choice_and_resumes_it(tiny_data, tmp_
     assert "sized for" not in out and "trained 50 iterations in 0.8 s" in out  # (1.0 - 14/64) s
     with open(tmp_path / "out" / "config.json") as f:
         assert json.load(f)["n_layer"] == 2
+    with open(tmp_path / "out" / "metrics.csv") as f:
+        evals = [int(r["iter"]) for r in csv.DictReader(f) if r["kind"] == "eval"]
+    assert evals == [0, 10, 18, 20, 30, 40, 50]  # the first run's last eval (18) is kept by the resume
+    # resumed again with the same budget: nothing is left to train, and nothing is touched
+    files = {name: (tmp_path / "out" / name).read_bytes() for name in ("config.json", "metrics.csv", "ckpt.pt")}
+    with pytest.raises(ConfigError, match=r"out/ckpt.pt is a finished run: it has trained 0.8 s of max_seconds=1; "
+                                          r"give a larger --max_seconds to go on; python sample.py --out_dir=.*out samples it"):
+        train(replace(cfg, init_from="resume", max_seconds=1.0))
+    assert files == {name: (tmp_path / "out" / name).read_bytes() for name in files}
 
 
 def test_a_busy_cpu_is_said_once_before_the_choice(tiny_data, tmp_path, monkeypatch, capsys, two_small_shapes):
@@ -324,6 +340,8 @@ def test_a_sized_run_ends_at_its_best_iterations_its_schedule_complete_and_resum
     capsys.readouterr()
     train(replace(interrupted, init_from="resume", max_seconds=2))
     assert "trained 12 iterations" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="is a finished run: it has trained the 12 iterations sizing.py stops it at"):
+        train(replace(interrupted, init_from="resume", max_seconds=2))
 
 
 def test_a_sized_run_trains_as_the_same_shape_given_by_hand(tiny_data, tmp_path, monkeypatch, capsys,
