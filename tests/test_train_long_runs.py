@@ -213,16 +213,16 @@ def test_torchrun_sizes_the_model_once_for_all_processes(tiny_cfg):
     args = [a for a in cli_args(tiny_cfg) if a.split("=")[0] not in ("--n_layer", "--n_embd", "--n_head",
                                                                        "--learning_rate", "--max_seconds")]
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        os.path.join(REPO, "train.py"), *args, "--size_to_budget=True", "--max_seconds=1",
+                        os.path.join(REPO, "train.py"), *args, "--size_to_budget=True", "--max_seconds=3",
                         "--eval_interval=1000", "--gradient_accumulation_steps=2", "--always_save_checkpoint=True"], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.count("sized for 1 s: ") == 1 and "processes: 2" in r.stdout
+    assert r.stdout.count("sized for 3 s: ") == 1 and "processes: 2" in r.stdout
     with open(os.path.join(tiny_cfg.out_dir, "config.json")) as f:
         saved = json.load(f)
     checkpoint = load_checkpoint(os.path.join(tiny_cfg.out_dir, "ckpt.pt"))
-    assert 0 < checkpoint["set_aside_seconds"] < 1 and saved["max_seconds"] == 1
+    assert 0 < checkpoint["set_aside_seconds"] < 3 and saved["max_seconds"] == 3  # 3 s: room on a busy machine
     shape = [checkpoint["model_args"][k] for k in ("n_layer", "n_embd", "n_head")]
-    assert shape == [saved[k] for k in ("n_layer", "n_embd", "n_head")] and f"sized for 1 s: {shape[0]} x {shape[1]}" \
+    assert shape == [saved[k] for k in ("n_layer", "n_embd", "n_head")] and f"sized for 3 s: {shape[0]} x {shape[1]}" \
         in r.stdout  # the shape the line names is the one trained and recorded
 
 
