@@ -142,8 +142,12 @@ def read_config_file(path):
         exec(compile(source, path, "exec"), namespace)
     except Exception as e:
         raise ConfigError(f"config file '{path}' failed to run: {type(e).__name__}: {first_line(e, '')}") from None
-    return {k: v for k, v in namespace.items()
-            if not k.startswith("_") and not isinstance(v, (types.ModuleType, types.FunctionType, type))}
+    settings = {k: v for k, v in namespace.items()
+                if not k.startswith("_") and not isinstance(v, (types.ModuleType, types.FunctionType, type))}
+    if not settings:  # a JSON file, say, runs as Python without assigning anything
+        raise ConfigError(f"config file '{path}' sets nothing; a config file assigns settings in Python, "
+                          f"one a line: n_layer = 4")
+    return settings
 
 
 def _check_known(key, fields, where, config_class):

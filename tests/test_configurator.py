@@ -91,6 +91,14 @@ def test_errors_name_the_problem(argv, message):
     assert message in str(e.value)
 
 
+def test_a_config_file_that_sets_nothing_is_refused(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text('{"n_layer": 4}\n')  # runs as Python, and assigns nothing
+    with pytest.raises(ConfigError, match=r"c.json' sets nothing; a config file assigns settings in Python, one a "
+                                          r"line: n_layer = 4$"):
+        configure(Cfg, [str(path)])
+
+
 def test_unknown_key_in_config_file(tmp_path):
     path = tmp_path / "bad.py"
     path.write_text("learning_rat = 1e-3\n")
