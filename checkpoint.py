@@ -144,7 +144,11 @@ def checkpoint_tokenizer(checkpoint, path, data_dir):
 # Which checkpoint
 
 def how_to_train_first(out_dir=None):
-    """The hint where no checkpoint is found: the command that trains one (into out_dir)."""
+    """The hint where no checkpoint is found: the command that trains one (into out_dir), or, where a
+    run was stopped before it saved a model (only its resume.pt there), how to go on with it."""
+    if out_dir and os.path.exists(os.path.join(out_dir, RESUME_NAME)):
+        return (f"{out_dir} holds only {RESUME_NAME}, a run stopped before it saved a model: go on with it (its "
+                f"train.py command with --init_from=resume), then sample")
     into = f" --out_dir={out_dir}" if out_dir else ""
     return (f"train a model first: python train.py config/train_shakespeare_char_cpu.py{into} "
             f"(on a GPU: config/train_shakespeare_char.py)")

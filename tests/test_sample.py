@@ -84,6 +84,12 @@ def test_missing_checkpoint_gives_the_command(tmp_path):
     assert r.returncode == 1 and r.stderr.count("\n") == 1
     assert r.stderr.rstrip().endswith(f"; train a model first: python train.py config/train_shakespeare_char_cpu.py "
                                       f"--out_dir={tmp_path / 'none'} (on a GPU: config/train_shakespeare_char.py)")
+    (tmp_path / "stopped").mkdir()
+    (tmp_path / "stopped" / "resume.pt").write_bytes(b"")  # a run stopped before its first model
+    r = run_in_process("sample.py", f"--out_dir={tmp_path / 'stopped'}")
+    assert r.returncode == 1 and r.stderr.rstrip().endswith(
+        f"; {tmp_path / 'stopped'} holds only resume.pt, a run stopped before it saved a model: go on with it (its "
+        f"train.py command with --init_from=resume), then sample")
 
 
 def sampled_text(cfg):
