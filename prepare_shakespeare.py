@@ -13,6 +13,7 @@ A corpus larger than memory prepares in bounded memory, on every core (corpus.py
 """
 
 import argparse
+import difflib
 import errno
 import hashlib
 import os
@@ -377,6 +378,10 @@ def main(argv):
         raise ConfigError("--vocab_from takes that dataset's tokenizer: drop --tokenizer and --vocab_size")
     if args.dataset is not None:
         check_dataset_name("--dataset", args.dataset, "--data_dir")
+        near = difflib.get_close_matches(args.dataset, BENCHMARKS, n=1, cutoff=0.8)
+        if args.input is None and args.dataset not in BENCHMARKS and near:  # it would be Tiny Shakespeare
+            raise ConfigError(f"--dataset={args.dataset} is not a benchmark this script downloads; did you mean "
+                              f"{near[0]}? (to name your own text's dataset so, give its --input)")
     if args.vocab_from is not None:
         check_dataset_name("--vocab_from", args.vocab_from, "--data_dir")
     check(args.data_dir != "", "--data_dir", args.data_dir, "a folder")

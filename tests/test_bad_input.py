@@ -184,6 +184,7 @@ prepare --input '{d}/foreign.txt' --test_fraction=0.2              | --test_frac
 prepare --input '{d}/foreign.txt' --tokenizer=wordpiece            | argument --tokenizer: invalid choice: 'wordpiece'
 prepare --input '{d}/foreign.txt' --tokenizer=bpe --vocab_from tiny | --vocab_from takes that dataset's tokenizer
 prepare --dataset ../x                                             | --dataset must be the name of a folder under --data_dir, got '../x'
+prepare --dataset=enwik9                                            | --dataset=enwik9 is not a benchmark this script downloads; did you mean enwik8? (to name your own text
 prepare --url ftp://x/y                                            | --url must be an http:// or https:// address
 prepare --sha256 abc                                               | --sha256 must be 64 hexadecimal digits
 # bench.py
