@@ -212,8 +212,6 @@ def fit_to_budget(cfg, tok, device, dtype, procs):
         kept = {} if "dropout" in cfg.given_settings else \
             {"dropout": checkpoint["model_args"].get("dropout", GPTConfig.dropout)}  # and its dropout
         return replace(cfg, **derived_settings(width, cfg.optimizer, given), **kept), 0.0
-    if not cfg.overwrite:
-        refuse_to_replace_a_trained_run(cfg)  # now, not after seconds of measuring
     timer = step_timer(split_file(cfg, "train"), tok.vocab_size, device, dtype, procs)
     # every process reads rank 0's clock, as it takes rank 0's times: all make the same choices
     cfg, line, set_aside = sized_for_budget(cfg, timer, clock=lambda: from_rank0(time.perf_counter(), procs, device))
@@ -407,6 +405,8 @@ def train(cfg):
     dtype = select_dtype(cfg.dtype, device)
     ctx = autocast_context(device, dtype)  # mixed precision: matmuls in dtype, weights in float32
     tok = load_dataset(cfg, procs, device)
+    if cfg.init_from != "resume" and not cfg.overwrite and not cfg.eval_only:
+        refuse_to_replace_a_trained_run(cfg)  # now: not after seconds of measuring, nor after wandb starts a run
     cfg, set_aside_seconds = fit_to_budget(cfg, tok, device, dtype, procs)  # first: it draws random numbers
     torch.manual_seed(cfg.seed + procs.rank)  # dropout differs per process
     data_rng = np.random.default_rng(cfg.seed)  # the same in every process: see TrainBatches
@@ -415,6 +415,8 @@ def train(cfg):
     if cfg.eval_only:
         return evaluate_only(raw_model, cfg, device, ctx, procs)
 
+    # wandb before out_dir is claimed: a run it refuses to log leaves out_dir as it was (--overwrite=True too)
+    wandb_run = on_rank0(lambda: start_wandb(cfg) if cfg.wandb_log else None, procs, device)
     with out_dir_claimed(cfg, procs, device):  # only now: a run refused above leaves nothing behind
         optimizer = build_optimizer(raw_model, cfg, device)
         scaler = torch.amp.GradScaler(torch.device(device).type, enabled=(dtype == "float16"))  # float16 needs one
@@ -437,7 +439,6 @@ def train(cfg):
             state = lambda: training_checkpoint(raw_model, optimizer, scaler, progress, cfg, tok, rng, val_loss)
             on_rank0(lambda: save_checkpoint(state(), path), procs, device)  # all wait for rank 0's save
 
-        wandb_run = on_rank0(lambda: start_wandb(cfg) if cfg.wandb_log else None, procs, device)
         if procs.master:
             report_start(raw_model, cfg, step_tokens, dtype, device, procs)
         # MFU: this process's FLOPs per iteration against its device's peak, measured in the run's dtype

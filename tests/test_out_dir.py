@@ -56,3 +56,19 @@ def test_a_run_from_scratch_never_replaces_a_trained_one_by_accident(tiny_cfg):
     r = run_in_process("train.py", *args, "--overwrite=True")
     assert r.returncode == 0, r.stderr
     assert load_checkpoint(os.path.join(out, "ckpt.pt"))["iter_num"] == 4
+
+
+def test_starting_over_keeps_the_old_run_until_the_new_one_can_start(tiny_cfg, monkeypatch):
+    """--overwrite=True removes the old checkpoints only once nothing can stop the new run before its
+    first step: wandb refusing to start a run (not logged in) leaves them."""
+    import train as train_module
+    train(tiny_cfg)
+    out = tiny_cfg.out_dir
+    before = {name: open(os.path.join(out, name), "rb").read() for name in os.listdir(out) if name != ".lock"}
+
+    def wandb_refuses(cfg):
+        raise UserError("wandb could not start a run (not logged in)")
+    monkeypatch.setattr(train_module, "start_wandb", wandb_refuses)
+    with pytest.raises(UserError, match="wandb could not start a run"):
+        train(dataclasses.replace(tiny_cfg, overwrite=True, wandb_log=True))
+    assert {name: open(os.path.join(out, name), "rb").read() for name in os.listdir(out) if name != ".lock"} == before
