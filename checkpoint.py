@@ -213,11 +213,14 @@ def init_model(cfg, tok, device):
     return adopt_checkpoint_model(cfg, model, resuming), model, checkpoint
 
 
+# The model settings a checkpoint fixes: fine-tuning may also shorten the context and change dropout
+CHECKPOINT_SHAPE = tuple(f.name for f in fields(GPTConfig) if f.name not in ("vocab_size", "block_size", "dropout"))
+
+
 def adopt_checkpoint_model(cfg, model, resuming):
     """cfg with the checkpoint model's settings: its shape wins over the config's. Fine-tuning may
     shorten the context (cropped here) and use another dropout (set here)."""
-    shape = {f.name: getattr(model.config, f.name) for f in fields(GPTConfig)
-             if f.name not in ("vocab_size", "block_size", "dropout")}
+    shape = {name: getattr(model.config, name) for name in CHECKPOINT_SHAPE}
     if resuming or cfg.eval_only:
         shape["block_size"] = model.config.block_size
     elif cfg.block_size < model.config.block_size:

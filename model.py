@@ -36,8 +36,10 @@ class GPTConfig:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.n_embd % self.n_head != 0:
-            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
-                             f"e.g. n_embd={self.n_head * max(1, round(self.n_embd / self.n_head))}")
+            heads = min((h for h in range(1, self.n_embd + 1) if self.n_embd % h == 0),
+                        key=lambda h: abs(h - self.n_head))  # the nearest count that divides it, the fewer if tied
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; e.g. n_head={heads}, "
+                             f"or n_embd={self.n_head * max(1, round(self.n_embd / self.n_head))}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.mtp_weight < 0:

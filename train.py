@@ -15,6 +15,7 @@ import importlib
 import inspect
 import math
 import os
+import signal
 import statistics
 import time
 from contextlib import nullcontext
@@ -24,9 +25,9 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from checkpoint import (CKPT_NAME, RESUME_NAME, Progress, capture_rng, checkpoint_to_load, init_model,
-                        load_checkpoint, model_from_checkpoint, refuse_gpt2_weights, restore_training_state,
-                        save_checkpoint, training_checkpoint)
+from checkpoint import (CHECKPOINT_SHAPE, CKPT_NAME, RESUME_NAME, Progress, capture_rng, checkpoint_to_load,
+                        init_model, load_checkpoint, model_from_checkpoint, refuse_gpt2_weights,
+                        restore_training_state, save_checkpoint, training_checkpoint)
 from configurator import (ConfigError, UserError, as_config_error, check, check_choice, check_seed, configure,
                           run_main)
 from dataset import TrainBatches, bits_per_char_scales, load_dataset, split_file
@@ -333,7 +334,13 @@ def evaluate_and_save(model, cfg, progress, save, log, device, ctx, procs):
 
 
 class Interrupted(UserError):
-    """Raised after SIGINT or SIGTERM, once the checkpoint is saved: a stop asked for, not an error."""
+    """Raised after SIGINT or SIGTERM, once the checkpoint is saved: a stop asked for, not an error. The
+    exit code is the one that signal gives a process it ends, 128 + its number (130 for Ctrl-C), which
+    shells and schedulers read as "stopped", not "failed"."""
+
+    def __init__(self, message, signal_name):
+        super().__init__(message)
+        self.exit_code = 128 + signal.Signals[signal_name].value
 
     def line(self):
         return str(self)
@@ -345,7 +352,8 @@ def save_and_stop(cfg, progress, save, stop):
     path = os.path.join(cfg.out_dir, CKPT_NAME if cfg.always_save_checkpoint else RESUME_NAME)
     save(path)
     raise Interrupted(f"stopped by {stop.received or 'a signal to another process'} after iteration "
-                      f"{progress.iter_num}; saved {path}; to continue, run the same command with --init_from=resume")
+                      f"{progress.iter_num}; saved {path}; to continue, run the same command with --init_from=resume",
+                      stop.received or "SIGTERM")  # what torchrun forwards to every process
 
 
 def note_a_longer_budget(cfg, progress):
@@ -356,6 +364,15 @@ def note_a_longer_budget(cfg, progress):
         print(f"resumed with max_seconds={cfg.max_seconds:g}: the learning rate schedule ends where the run's first "
               f"{progress.schedule_seconds:.3g} s of training did; the {beyond:.3g} s past that train at min_lr "
               f"({cfg.min_lr:g})")
+
+
+def note_the_checkpoint_shape(asked, adopted):
+    """Fine-tuning trains the checkpoint's model as it is shaped (adopt_checkpoint_model): say which shape
+    settings a config file or --key=value gave that it does not train with."""
+    unused = [f"{k}={getattr(asked, k)!r} (it has {getattr(adopted, k)!r})" for k in CHECKPOINT_SHAPE
+              if k in asked.given_settings and getattr(asked, k) != getattr(adopted, k)]
+    if unused:
+        print(f"fine-tuning keeps {asked.init_from}'s model, so these settings are not used: {', '.join(unused)}")
 
 
 def report_start(model, cfg, step_tokens, dtype, device, procs):
@@ -410,7 +427,9 @@ def train(cfg):
     cfg, set_aside_seconds = fit_to_budget(cfg, tok, device, dtype, procs)  # first: it draws random numbers
     torch.manual_seed(cfg.seed + procs.rank)  # dropout differs per process
     data_rng = np.random.default_rng(cfg.seed)  # the same in every process: see TrainBatches
-    cfg, raw_model, checkpoint = init_model(cfg, tok, device)
+    asked, (cfg, raw_model, checkpoint) = cfg, init_model(cfg, tok, device)
+    if cfg.init_from not in ("scratch", "resume") and not cfg.eval_only and procs.master:
+        note_the_checkpoint_shape(asked, cfg)
     raw_model = speed_up_training(raw_model.to(device), device, dtype)
     if cfg.eval_only:
         return evaluate_only(raw_model, cfg, device, ctx, procs)

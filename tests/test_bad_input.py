@@ -97,7 +97,7 @@ CASES_TABLE = """
 # train.py: settings
 train --batch_size=0                                               | batch_size must be positive, got 0
 train --block_size=-4                                              | block_size must be positive, got -4
-train --n_embd=100 --n_head=3                                      | n_embd=100 is not divisible by n_head=3
+train --n_embd=100 --n_head=3                                      | n_embd=100 is not divisible by n_head=3; e.g. n_head=2, or n_embd=99
 train --learning_rate=fast                                         | learning_rate must be float
 train --learning_rate=-1                                           | learning_rate must be positive, got -1.0
 train --learning_rate=1e999                                        | learning_rate must be a finite number

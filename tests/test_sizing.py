@@ -355,13 +355,15 @@ def test_a_sized_run_trains_as_the_same_shape_given_by_hand(tiny_data, tmp_path,
     assert sized["val_full"] == by_hand["val_full"] and sized["val"] == by_hand["val"]
 
 
-def test_fine_tuning_keeps_the_checkpoint_shape_and_its_width_sets_the_learning_rate(tiny_data, tmp_path,
-                                                                                     monkeypatch, capsys):
+def test_fine_tuning_keeps_the_checkpoint_shape_says_so_and_its_width_sets_the_learning_rate(
+        tiny_data, tmp_path, monkeypatch, capsys):
     use_fake_clock(monkeypatch, tick=1 / 64)
     train(sized_run(tiny_data, tmp_path / "a", "--max_seconds=0.25", "--n_layer=1", "--n_embd=128", "--n_head=8"))
     capsys.readouterr()
-    train(sized_run(tiny_data, tmp_path / "b", "--max_seconds=0.25", f"--init_from={tmp_path / 'a'}"))
-    assert "sized for" not in capsys.readouterr().out
+    train(sized_run(tiny_data, tmp_path / "b", "--max_seconds=0.25", f"--init_from={tmp_path / 'a'}", "--n_layer=3"))
+    out = capsys.readouterr().out
+    assert "sized for" not in out
+    assert f"fine-tuning keeps {tmp_path / 'a'}'s model, so these settings are not used: n_layer=3 (it has 1)\n" in out
     with open(tmp_path / "b" / "config.json") as f:
         saved = json.load(f)
     assert (saved["n_layer"], saved["n_embd"], saved["n_head"], saved["learning_rate"]) == (1, 128, 8, 7.5e-3)
