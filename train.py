@@ -427,8 +427,9 @@ def train(cfg):
     cfg, set_aside_seconds = fit_to_budget(cfg, tok, device, dtype, procs)  # first: it draws random numbers
     torch.manual_seed(cfg.seed + procs.rank)  # dropout differs per process
     data_rng = np.random.default_rng(cfg.seed)  # the same in every process: see TrainBatches
-    asked, (cfg, raw_model, checkpoint) = cfg, init_model(cfg, tok, device)
-    if cfg.init_from not in ("scratch", "resume") and not cfg.eval_only and procs.master:
+    asked = cfg  # the settings given, before a checkpoint's model replaces its shape
+    cfg, raw_model, checkpoint = init_model(cfg, tok, device)
+    if cfg.init_from not in ("scratch", "resume") and not cfg.eval_only and procs.master:  # fine-tuning
         note_the_checkpoint_shape(asked, cfg)
     raw_model = speed_up_training(raw_model.to(device), device, dtype)
     if cfg.eval_only:
