@@ -59,6 +59,12 @@ def check_longer_than_a_block(tokens, block_size):
                           f"use a smaller --block_size or a longer text")
 
 
+def longest_block(cfg):
+    """The longest block_size every split of the dataset holds (check_longer_than_a_block)."""
+    splits = (split_file(cfg, split) for split in ("train", "val", "test"))
+    return min(len(tokens) for tokens in splits if os.path.exists(tokens.path)) - 1
+
+
 def ensure_prepared(cfg):
     """Prepare Tiny Shakespeare or a benchmark (enwik8, text8) if it is missing: they are downloads;
     other datasets are prepared by hand."""
@@ -72,8 +78,11 @@ def ensure_prepared(cfg):
     prepare_dataset(cfg.dataset, data_dir=cfg.data_dir)
 
 
-def load_dataset(cfg, procs=Processes(), device="cpu"):
-    """The dataset's tokenizer, once rank 0 has prepared the dataset if needed; its files are checked."""
+def load_dataset(cfg, procs=Processes(), device="cpu", block_size=None):
+    """The dataset's tokenizer, once rank 0 has prepared the dataset if needed; its files are checked,
+    each against a context of block_size (cfg's unless given; 1 where the context is still to be chosen
+    from what they hold)."""
+    block_size = cfg.block_size if block_size is None else block_size
     on_rank0(lambda: ensure_prepared(cfg), procs, device)
     tok = load_tokenizer(os.path.join(dataset_dir(cfg), "meta.pkl"))
     for split in ("train", "val", "test"):
@@ -86,7 +95,7 @@ def load_dataset(cfg, procs=Processes(), device="cpu"):
             raise UserError(f"{tokens.path} does not belong with {dataset_dir(cfg)}/meta.pkl (token ids beyond its "
                             f"{tok.vocab_size} tokens, or a truncated file); prepare the dataset again with "
                             f"prepare_shakespeare.py")
-        check_longer_than_a_block(tokens, cfg.block_size)
+        check_longer_than_a_block(tokens, block_size)
     return tok
 
 

@@ -30,7 +30,7 @@ from checkpoint import (CHECKPOINT_SHAPE, CKPT_NAME, RESUME_NAME, Progress, capt
                         restore_training_state, save_checkpoint, training_checkpoint)
 from configurator import (ConfigError, UserError, as_config_error, check, check_choice, check_seed, configure,
                           run_main)
-from dataset import TrainBatches, bits_per_char_scales, load_dataset, split_file
+from dataset import TrainBatches, bits_per_char_scales, load_dataset, longest_block, split_file
 from device import (DeviceSettings, autocast_context, busy_cpu_line, check_replicas_agree, describe_dtype,
                     end_processes, Processes, from_rank0, gather_from_all, matmul_peak_flops, newton_schulz_dtype,
                     on_rank0, out_of_memory_in_one_line, reuse_freed_memory, select_dtype, start_processes,
@@ -41,7 +41,8 @@ from metrics import TrainingLog, plot_metrics, start_wandb
 from model import GPTConfig, build_model
 from out_dir import out_dir_claimed, refuse_a_file_as_out_dir, refuse_to_replace_a_trained_run
 from prepare_shakespeare import DEFAULT_DATASET, check_dataset_name
-from sizing import as_chosen_before, candidate_settings, derived_settings, sized_for_budget, tokens_per_iter
+from sizing import (TIMED_STEPS, as_chosen_before, candidate_settings, chooses_context, derived_settings,
+                    sized_for_budget, tokens_per_iter)
 from speedups import speed_up_training
 
 
@@ -99,7 +100,7 @@ class TrainConfig(GPTConfig, DeviceSettings):
         if self.size_to_budget:  # the shape is sizing.py's to choose: check the model's settings with its first
             tried = candidate_settings(self)
             as_config_error(lambda: GPTConfig.from_settings(self, **{k: v for k, v in tried[0].items()
-                                                                     if k != "learning_rate"}))
+                                                                     if k not in ("learning_rate", "batch_size")}))
             lowest_lr = min(settings.get("learning_rate", self.learning_rate) for settings in tried)
         else:
             as_config_error(super().__post_init__)  # the model's settings: GPTConfig's checks
@@ -157,7 +158,7 @@ def lr_now(progress, cfg):
 
 # The model for the budget: sizing.py's rule, on this machine's measured speed
 
-def step_timer(tokens, vocab_size, device, dtype, procs=Processes(), steps=2):
+def step_timer(tokens, vocab_size, device, dtype, procs=Processes(), steps=TIMED_STEPS):
     """seconds_per_iter(candidate, time_left): the median of `steps` training steps of candidate's
     shape on tokens (a TokenFile), after one that warms up, run as train() runs them (uncompiled:
     compiling each candidate would cost more than it tells); inf, and no more steps, once the next
@@ -199,23 +200,25 @@ def fit_to_budget(cfg, tok, device, dtype, procs):
     """With size_to_budget: (cfg with the shape the rule picks for max_seconds here, said in one line,
     and max_iters where the model would only overfit past it; the seconds of the budget the measurement
     took, not for training). A resumed run keeps the choice it recorded; fine-tuning keeps its
-    checkpoint's shape and dropout, the learning rate following its width; eval_only changes nothing."""
-    if not cfg.size_to_budget or cfg.eval_only:
+    checkpoint's shape, dropout and context, the learning rate following its width; eval_only keeps
+    the checkpoint's context."""
+    if not cfg.size_to_budget:
         return cfg, 0.0
     cfg = replace(cfg, vocab_size=tok.vocab_size)  # the parameters the fit counts include the embedding
-    if cfg.init_from != "scratch":
+    if cfg.init_from != "scratch" or cfg.eval_only:
         path, hint = checkpoint_to_load(cfg)
         checkpoint = load_checkpoint(path, "cpu", hint=hint)
-        if cfg.init_from == "resume":
+        if cfg.init_from == "resume" and not cfg.eval_only:
             return as_chosen_before(cfg, checkpoint.get("config", {})), 0.0
-        width = checkpoint["model_args"]["n_embd"]
+        model_args = checkpoint["model_args"]
+        kept = {k: model_args[k] for k in ("dropout", "block_size") if k in model_args and k not in cfg.given_settings}
         given = (*cfg.given_settings, "n_head")  # the checkpoint's heads are its own
-        kept = {} if "dropout" in cfg.given_settings else \
-            {"dropout": checkpoint["model_args"].get("dropout", GPTConfig.dropout)}  # and its dropout
-        return replace(cfg, **derived_settings(width, cfg.optimizer, given), **kept), 0.0
+        return replace(cfg, **kept, **derived_settings(model_args["n_embd"], kept.get("block_size", cfg.block_size),
+                                                       cfg.optimizer, given)), 0.0
     timer = step_timer(split_file(cfg, "train"), tok.vocab_size, device, dtype, procs)
     # every process reads rank 0's clock, as it takes rank 0's times: all make the same choices
-    cfg, line, set_aside = sized_for_budget(cfg, timer, clock=lambda: from_rank0(time.perf_counter(), procs, device))
+    cfg, line, set_aside = sized_for_budget(cfg, timer, clock=lambda: from_rank0(time.perf_counter(), procs, device),
+                                            longest_context=longest_block(cfg))
     if line and procs.master:
         print(line)
     return cfg, set_aside
@@ -421,7 +424,7 @@ def train(cfg):
     micro_steps = micro_steps_per_process(cfg, procs)
     dtype = select_dtype(cfg.dtype, device)
     ctx = autocast_context(device, dtype)  # mixed precision: matmuls in dtype, weights in float32
-    tok = load_dataset(cfg, procs, device)
+    tok = load_dataset(cfg, procs, device, block_size=1 if chooses_context(cfg) else cfg.block_size)
     if cfg.init_from != "resume" and not cfg.overwrite and not cfg.eval_only:
         refuse_to_replace_a_trained_run(cfg)  # now: not after seconds of measuring, nor after wandb starts a run
     cfg, set_aside_seconds = fit_to_budget(cfg, tok, device, dtype, procs)  # first: it draws random numbers

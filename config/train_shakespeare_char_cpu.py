@@ -1,14 +1,14 @@
 # The best model a CPU trains in 100 seconds, or with --max_seconds=S in S seconds (README, Results):
 #   python train.py config/train_shakespeare_char_cpu.py                     # 100 seconds
 #   python train.py config/train_shakespeare_char_cpu.py --max_seconds=600   # 10 minutes
-# The model's shape, learning rate and dropout are chosen at start-up for this machine and this
-# budget: a few seconds of measured steps and a fit of loss to size and tokens (sizing.py; the runs
-# behind the fit are in docs/experiments.md, "The budget-to-shape rule"). --n_layer, --n_embd,
-# --n_head, --learning_rate or --dropout given here or on the command line are kept, and the rule
-# chooses the rest: dropout (0.1) for budgets long enough that a model without it would learn the
-# text by heart.
+# The model's shape, context, learning rate and dropout are chosen at start-up for this machine and
+# this budget: a few seconds of measured steps and a fit of loss to size, tokens and context
+# (sizing.py; the runs behind the fit are in docs/experiments.md, "The budget-to-shape rule"). --n_layer, --n_embd,
+# --n_head, --learning_rate, --dropout, --block_size or --batch_size given here or on the command
+# line are kept, and the rule chooses the rest: dropout (0.1) for budgets long enough that a model
+# without it would learn the text by heart, a context of 256 where its longer steps pay.
 # What every budget shares was found by the 100-second search (docs/experiments.md, "Which CPU
-# recipe (100 s)"): twice nanoGPT's CPU context at the same tokens a step, rotary positions,
+# recipe (100 s)"): 2,048 tokens a step, rotary positions,
 # multi-token prediction, Muon, more weight decay, a short warmup and a cosine schedule
 # laid over the time budget. bfloat16 or float32 is chosen by measurement too (device.py).
 
@@ -18,10 +18,10 @@ eval_iters = 20
 log_interval = 10
 
 dataset = 'shakespeare_char'
-batch_size = 16
-block_size = 128  # than 64 (batch 32): lower val loss in timed runs on both kinds of CPU
 
-size_to_budget = True  # n_layer, n_embd, n_head, learning_rate, dropout: sizing.py's choice, unless given
+# n_layer, n_embd, n_head, learning_rate, dropout, and the context (block_size 128 or 256; 64 lost to
+# 128 at 100 s) with the batch that keeps 2,048 tokens a step: sizing.py's choice, unless given
+size_to_budget = True
 pos_encoding = 'rope'  # clearly ahead of learned and sinusoidal with AdamW, level with learned under Muon
 mtp_weight = 0.3  # also learn the token after next: lower val loss at fixed iteration counts, no slower
 

@@ -68,7 +68,7 @@ def test_the_settings_given_are_recorded():
     """For settings that follow others unless given (sizing.py): the keys of the config files and the
     command line, whatever their values (--n_layer=6 is given, though 6 is the default)."""
     cfg = configure(TrainConfig, [f"{REPO}/config/train_shakespeare_char_cpu.py", "--n_layer=6"])
-    assert {"n_layer", "batch_size", "size_to_budget"} <= set(cfg.given_settings)
+    assert {"n_layer", "eval_iters", "size_to_budget"} <= set(cfg.given_settings)
     assert "n_embd" not in cfg.given_settings and cfg.n_layer == 6 == TrainConfig.n_layer
     assert configure(TrainConfig, []).given_settings == ()
     with pytest.raises(ConfigError, match="'--given_settings' is not a setting here"):

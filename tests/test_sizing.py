@@ -27,15 +27,18 @@ def recipe(*overrides):
 
 def machine(flops_per_second, overhead=0.0, measured=None, clock=None):
     """A stub measurement: the seconds an iteration of each candidate takes on a machine that runs
-    flops_per_second, after a fixed overhead a step (a GPU's kernel launches); records what it measured.
-    As train.step_timer, it times three steps, stops (inf) where the next would end past time_left, and
-    adds the seconds its steps took to clock[0]."""
+    flops_per_second, after a fixed overhead a step (a GPU's kernel launches); records what it measured
+    (layers, width, dropout, context). As train.step_timer, it times three steps, stops (inf) where the
+    next would end past time_left, and adds the seconds its steps took to clock[0]."""
     def seconds_per_iter(candidate, time_left=math.inf):
         if measured is not None:
-            measured.append((candidate.n_layer, candidate.n_embd, candidate.dropout))
+            measured.append((candidate.n_layer, candidate.n_embd, candidate.dropout, candidate.block_size))
         tokens = candidate.batch_size * candidate.block_size
         dropout_cost = 1.05 if candidate.dropout else 1.0  # dropout's masks: a little more work a step
-        seconds = overhead + dropout_cost * 6 * model_params_m(candidate) * 1e6 * tokens / flops_per_second
+        # 6 FLOPs a parameter a token, and attention's over the context (model.flops_per_token)
+        flops_per_token = 6 * model_params_m(candidate) * 1e6 + 12 * candidate.n_layer * candidate.n_embd * \
+            candidate.block_size
+        seconds = overhead + dropout_cost * flops_per_token * tokens / flops_per_second
         steps = next((n for n in (1, 2) if (n + 1) * seconds > time_left), 3)
         if clock is not None:
             clock[0] += steps * seconds
@@ -68,23 +71,26 @@ def test_the_fit_is_the_one_of_the_logged_runs():
     """The constants in sizing.py are what `python sizing.py docs/sizing_runs.csv` fits."""
     *constants, rms = fit_loss(read_runs(os.path.join(REPO, "docs", "sizing_runs.csv")))
     assert constants == pytest.approx([sizing.E, sizing.A, sizing.ALPHA, sizing.B, sizing.BETA, sizing.C,
-                                       sizing.A_DROPOUT, sizing.B_DROPOUT, sizing.C_DROPOUT], abs=1e-6)
+                                       sizing.A_DROPOUT, sizing.B_DROPOUT, sizing.C_DROPOUT, sizing.CONTEXT_GAIN,
+                                       sizing.B_CONTEXT],
+                                      abs=1e-6)
     assert rms < 0.006  # about what two seeds of one run differ by
     with pytest.raises(ValueError, match=r"dropout 0 or 0.1, not \[0.2\]"):
-        fit_loss([(1.0, 1.0, 0.0, 1.5), (1.0, 1.0, 0.2, 1.5)])
+        fit_loss([(1.0, 1.0, 0.0, 128, 1.5), (1.0, 1.0, 0.2, 128, 1.5)])
 
 
 def test_heads_and_learning_rate_follow_the_width_unless_given():
     cfg = recipe()
     assert cfg.size_to_budget and "n_embd" not in cfg.given_settings
-    shapes = [(c.n_embd, c.n_head, c.learning_rate, c.dropout) for c in candidates(cfg)]
-    assert shapes[:6] == [(64, 2, 1e-2, 0.0), (64, 2, 1e-2, DROPOUT), (96, 3, 1e-2, 0.0), (96, 3, 1e-2, DROPOUT),
-                          (128, 4, 7.5e-3, 0.0), (128, 4, 7.5e-3, DROPOUT)]
+    shapes = [(c.n_embd, c.n_head, c.learning_rate, c.dropout, c.block_size, c.batch_size) for c in candidates(cfg)]
+    assert shapes[:6] == [(64, 2, 1e-2, 0.0, 128, 16), (64, 2, 1e-2, 0.0, 256, 8), (64, 2, 1e-2, DROPOUT, 128, 16),
+                          (64, 2, 1e-2, DROPOUT, 256, 8), (96, 3, 1e-2, 0.0, 128, 16), (96, 3, 1e-2, 0.0, 256, 8)]
+    assert shapes[-1] == (384, 12, 2.5e-3, DROPOUT, 256, 8)
     assert {c.dropout for c in candidates(recipe("--dropout=0.2"))} == {0.2}
     assert {(c.n_head, c.learning_rate) for c in candidates(recipe("--n_head=2", "--learning_rate=3e-3"))} == {(2, 3e-3)}
-    assert derived_settings(128, "muon", ("n_head",)) == {"learning_rate": 7.5e-3}
-    assert derived_settings(96, "adamw", ()) == {"n_head": 3, "learning_rate": 2e-3}  # the rate AdamW took here
-    assert derived_settings(100, "muon", ())["n_head"] == 2  # 50 channels: the nearest count that divides it evenly
+    assert derived_settings(128, 256, "muon", ("n_head",)) == {"learning_rate": 7.5e-3, "batch_size": 8}
+    assert derived_settings(96, 64, "adamw", ()) == {"n_head": 3, "learning_rate": 2e-3, "batch_size": 32}  # AdamW's
+    assert derived_settings(100, 128, "muon", ())["n_head"] == 2  # 50 channels: the nearest count that divides evenly
     # settings given to a config built in code are kept as they are: nothing is derived behind them
     assert (replace(cfg, n_layer=6, n_embd=384, n_head=6).n_head, replace(cfg, learning_rate=1e-3).learning_rate) \
         == (6, 1e-3)
@@ -121,11 +127,11 @@ def test_only_candidates_that_could_win_are_measured_and_the_choice_is_the_best(
         best, timed = choose(cfg, machine(flops, measured=measured), budget)
         every = candidates(cfg)
         assert len(measured) < len(every)  # those that could not have won were not run: the big ones, and
-        assert budget > 100 or {d for *_, d in measured} == {0.0}  # at 100 s, every one with dropout
+        assert budget > 100 or {d for _, _, d, _ in measured} == {0.0}  # at 100 s, every one with dropout
         tokens = [budget / machine(flops)(c) * 2048 / 1e6 for c in every]
-        losses = [predicted_loss(model_params_m(c), t, c.dropout) for c, t in zip(every, tokens)]
+        losses = [predicted_loss(model_params_m(c), t, c.dropout, c.block_size) for c, t in zip(every, tokens)]
         assert best.cfg == every[losses.index(min(losses))]
-        assert [(c.cfg.n_layer, c.cfg.n_embd, c.cfg.dropout) for c in timed] == measured
+        assert [(c.cfg.n_layer, c.cfg.n_embd, c.cfg.dropout, c.cfg.block_size) for c in timed] == measured
         assert best.cfg.dropout == (DROPOUT if budget == 3600 else 0.0)  # dropout for the long budget only
 
 
@@ -135,10 +141,10 @@ def test_a_gpu_gets_the_model_with_the_lowest_floor_and_stops_when_it_is_reached
     best is lowest and ends the run where it is reached, rather than let it learn the text by heart."""
     cfg = recipe("--max_seconds=300", "--device=cuda")
     chosen, line, _ = sized_for_budget(cfg, machine(2e13, overhead=0.005), clock=lambda: 0.0)
-    floors = {(c.n_layer, c.n_embd, c.dropout): predicted_loss(model_params_m(c), 1e9, c.dropout)
-              for c in candidates(cfg)}
-    assert (chosen.n_layer, chosen.n_embd, chosen.dropout) == min(floors, key=floors.get)
-    stop = int(best_tokens_m(model_params_m(chosen), chosen.dropout) * 1e6 / tokens_per_iter(chosen))
+    floors = {(c.n_layer, c.n_embd, c.dropout, c.block_size): predicted_loss(model_params_m(c), 1e9, c.dropout,
+                                                                             c.block_size) for c in candidates(cfg)}
+    assert (chosen.n_layer, chosen.n_embd, chosen.dropout, chosen.block_size) == min(floors, key=floors.get)
+    stop = int(best_tokens_m(model_params_m(chosen), chosen.dropout, chosen.block_size) * 1e6 / tokens_per_iter(chosen))
     assert chosen.max_iters == stop < 300 / 0.005 / 2  # an iteration count, under half what the budget affords
     assert f"{stop:,} iterations (about " in line and "more would only learn the text by heart" in line
     cpu, _ = choose(recipe("--max_seconds=300"), machine(2e10), 300)
@@ -149,12 +155,14 @@ def test_given_shape_settings_win_and_the_rule_chooses_the_rest():
     deep = choose(recipe("--n_layer=6"), machine(2e10), 300)[1]
     assert {c.cfg.n_layer for c in deep} == {6} and len({c.cfg.n_embd for c in deep}) > 1
     wide = [c for c in candidates(recipe("--n_embd=128"))]
-    assert {c.n_embd for c in wide} == {128} and [(c.n_layer, c.dropout) for c in wide] == [
+    assert {c.n_embd for c in wide} == {128} and [(c.n_layer, c.dropout) for c in wide[::2]] == [
         (4, 0.0), (4, DROPOUT), (6, 0.0), (6, DROPOUT), (8, 0.0), (8, DROPOUT)]
+    assert {(c.block_size, c.batch_size) for c in candidates(recipe("--block_size=64"))} == {(64, 32)}
+    assert {(c.block_size, c.batch_size) for c in candidates(recipe("--batch_size=4"))} == {(128, 4), (256, 4)}
     assert {c.learning_rate for c in candidates(recipe("--learning_rate=3e-3"))} == {3e-3}
     assert {c.n_embd % 3 for c in candidates(recipe("--n_head=3", "--n_embd=96"))} == {0}
-    fixed = candidates(recipe("--n_layer=3", "--n_embd=80", "--n_head=5", "--dropout=0.2"))
-    assert [(c.n_layer, c.n_embd, c.n_head, c.dropout) for c in fixed] == [(3, 80, 5, 0.2)]
+    fixed = candidates(recipe("--n_layer=3", "--n_embd=80", "--n_head=5", "--dropout=0.2", "--block_size=256"))
+    assert [(c.n_layer, c.n_embd, c.n_head, c.dropout, c.block_size) for c in fixed] == [(3, 80, 5, 0.2, 256)]
 
 
 def test_a_budget_is_needed():
@@ -164,35 +172,36 @@ def test_a_budget_is_needed():
 
 def test_settings_that_leave_one_shape_are_not_measured_and_the_line_gives_its_stop():
     for dropout, shape in ((0.0, "3 x 80"), (DROPOUT, "3 x 80 dropout 0.1")):
-        cfg = recipe("--n_layer=3", "--n_embd=80", "--n_head=5", f"--dropout={dropout}")
-        only = replace(cfg, learning_rate=1e-2)  # the rate that follows the width, not given
+        cfg = recipe("--n_layer=3", "--n_embd=80", "--n_head=5", f"--dropout={dropout}", "--block_size=128")
+        only = replace(cfg, learning_rate=1e-2, batch_size=16)  # the rate and batch that follow, not given
         stop = best_iters(only)
         assert sized_for_budget(cfg, lambda c, time_left: pytest.fail("measured")) == (
             replace(only, max_iters=stop), f"sized for 100 s: {shape} as given; it stops at {stop:,} iterations if "
                                            f"the budget lasts that long: more would only learn the text by heart", 0.0)
-    with_dropout = recipe("--n_layer=3", "--n_embd=80", "--n_head=5", "--dropout=0.2")  # not in the fit: no stop
-    assert sized_for_budget(with_dropout, pytest.fail) == (replace(with_dropout, learning_rate=1e-2), None, 0.0)
+    with_dropout = recipe("--n_layer=3", "--n_embd=80", "--n_head=5", "--dropout=0.2", "--block_size=256")
+    assert sized_for_budget(with_dropout, pytest.fail) == (  # a dropout not in the fit: no stop
+        replace(with_dropout, learning_rate=1e-2, batch_size=8), None, 0.0)
     # a given shape without a given dropout leaves two candidates: the rule measures both
     measured = []
-    chosen, _, _ = sized_for_budget(recipe("--n_layer=6", "--n_embd=192", "--max_seconds=3600"),
+    chosen, _, _ = sized_for_budget(recipe("--n_layer=6", "--n_embd=192", "--max_seconds=3600", "--block_size=128"),
                                     machine(8e10, measured=measured), clock=lambda: 0.0)
-    assert measured == [(6, 192, 0.0), (6, 192, DROPOUT)] and chosen.dropout == DROPOUT
+    assert measured == [(6, 192, 0.0, 128), (6, 192, DROPOUT, 128)] and chosen.dropout == DROPOUT
 
 
 def test_the_measurement_stops_at_its_share_of_the_budget_and_refuses_a_budget_shorter_than_a_step():
     measured = []
     best, _ = choose(recipe(), machine(2e10, measured=measured), 100, time_left=lambda: 0.0)
-    assert measured == [(*SHAPES[0], 0.0)] and (best.cfg.n_layer, best.cfg.n_embd) == SHAPES[0]
-    # 30 s on a slow machine: 4 x 96 could win, but its steps would overrun the share: they stop there,
-    # it is neither timed nor chosen, and no later candidate is measured
+    assert measured == [(*SHAPES[0], 0.0, 128)] and (best.cfg.n_layer, best.cfg.n_embd) == SHAPES[0]
+    # 30 s on a slow machine: the smallest candidate's steps take 1.0 s of the share's 1.5, and no other's
+    # would fit in what is left: only it is measured, though another could have won
     clock, measured = [0.0], []
     cfg, line, spent = sized_for_budget(recipe("--max_seconds=30"), machine(1e10, measured=measured, clock=clock),
                                         clock=lambda: clock[0])
-    assert measured[-1] == (4, 96, 0.0) and "4 x 96" not in line and (cfg.n_layer, cfg.n_embd) == (4, 64)
-    assert 1.0 < spent <= MEASURE_SHARE * 30 and f"in {spent:.1f} s of the budget" in line
+    assert measured == [(4, 64, 0.0, 128)] and (cfg.n_layer, cfg.n_embd) == (4, 64)
+    assert 0.5 * MEASURE_SHARE * 30 < spent <= MEASURE_SHARE * 30 and f"in {spent:.1f} s of the budget" in line
     clock, unbounded = [0.0], []
-    choose(recipe("--max_seconds=30"), machine(1e10, measured=unbounded, clock=clock), 30)
-    assert unbounded == measured and clock[0] > 1.5 * MEASURE_SHARE * 30  # timed in full, it would overrun
+    best, _ = choose(recipe("--max_seconds=30"), machine(1e10, measured=unbounded, clock=clock), 30)
+    assert len(unbounded) > 1 and clock[0] > 2 * MEASURE_SHARE * 30  # timed in full, they would overrun
     with pytest.raises(ConfigError, match=r"max_seconds=0.01 is shorter than one step of the smallest model \(4 x 64"):
         choose(recipe(), machine(1e9), 0.01)
 
@@ -227,9 +236,10 @@ def test_the_measurement_comes_out_of_the_budget():
 
 @pytest.fixture
 def two_small_shapes(monkeypatch):
-    """Two small candidates, measured for real, and all the time they take: a run on the fake clock
+    """Two small candidates at one context, measured for real, and all the time they take: a run on the fake clock
     has a budget of a second or less, where the measurement's usual share would not cover two."""
     monkeypatch.setattr(sizing, "SHAPES", ((1, 32), (2, 64)))
+    monkeypatch.setattr(sizing, "CONTEXTS", (128,))
     monkeypatch.setattr(sizing, "MEASURE_SHARE", 1.0)
 
 
@@ -271,6 +281,50 @@ def test_train_sizes_the_model_records_the_choice_and_resumes_it(tiny_data, tmp_
     assert files == {name: (tmp_path / "out" / name).read_bytes() for name in files}
 
 
+def test_a_chosen_context_is_recorded_resumed_evaluated_and_kept_by_fine_tuning(tiny_data, tmp_path, monkeypatch,
+                                                                                 capsys, two_small_shapes):
+    """Where the fit favours the longer context (made to here), the run trains at it, with the batch
+    that keeps 2,048 tokens a step, and records both; resuming, evaluating and fine-tuning keep them."""
+    monkeypatch.setattr(sizing, "CONTEXTS", (16, 32))
+    monkeypatch.setattr(sizing, "CONTEXT_GAIN", 0.05)
+    monkeypatch.setattr(sizing, "B_CONTEXT", 0.0)
+    use_fake_clock(monkeypatch, tick=1 / 64)
+    cfg = sized_run(tiny_data, tmp_path / "out", "--max_seconds=1", "--always_save_checkpoint=True")
+    train(replace(cfg, max_iters=5))  # stopped at 5, as by Ctrl-C
+    out = capsys.readouterr().out
+    assert "sized for 1 s: 2 x 64 context 32 (" in out
+    assert "measured ms/iter: 1 x 32 16, 1 x 32 context 32 16, 2 x 64 16, 2 x 64 context 32 16, in" in out
+    saved = load_checkpoint(str(tmp_path / "out" / "ckpt.pt"))
+    assert saved["model_args"]["block_size"] == 32 and (saved["config"]["block_size"], saved["config"]["batch_size"]) \
+        == (32, 64)
+    train(replace(cfg, init_from="resume"))
+    assert "sized for" not in capsys.readouterr().out
+    assert load_checkpoint(str(tmp_path / "out" / "ckpt.pt"))["config"]["block_size"] == 32
+    own = train(replace(cfg, eval_only=True))  # the recipe gives no context: the model's own
+    assert own == train(sized_run(tiny_data, tmp_path / "out", "--eval_only=True", "--block_size=32"))
+    train(replace(cfg, init_from=str(tmp_path / "out"), out_dir=str(tmp_path / "tuned")))
+    with open(tmp_path / "tuned" / "config.json") as f:
+        assert {k: v for k, v in json.load(f).items() if k in ("block_size", "batch_size")} == \
+            {"block_size": 32, "batch_size": 64}
+
+
+def test_the_contexts_tried_are_those_the_text_holds_and_given_ones_win():
+    cfg = recipe()
+    assert {c.block_size for c in candidates(cfg, longest_context=200)} == {128}
+    assert {(c.block_size, c.batch_size) for c in candidates(cfg, longest_context=100)} == {(100, 20)}
+    assert {c.block_size for c in candidates(recipe("--block_size=512"), longest_context=200)} == {512}  # refused later
+
+
+def test_the_longer_context_is_predicted_to_pay_only_for_longer_runs():
+    """A longer context lowers the loss a model can reach, but a model learns to use it only with
+    training: from a few tokens, it learns less."""
+    for params_m, dropout in ((0.5, 0.0), (1.2, 0.0), (2.7, DROPOUT)):
+        assert predicted_loss(params_m, 1.0, dropout, 256) > predicted_loss(params_m, 1.0, dropout, 128)
+        assert predicted_loss(params_m, 10.0, dropout, 256) < predicted_loss(params_m, 10.0, dropout, 128)
+        assert predicted_loss(params_m, 1e3, dropout, 256) < predicted_loss(params_m, 1e3, dropout, 128)
+    assert predicted_loss(1.2, 10.0, 0.0, 512) == predicted_loss(1.2, 10.0, 0.0, 256)  # the nearest the fit knows
+
+
 def test_a_busy_cpu_is_said_once_before_the_choice(tiny_data, tmp_path, monkeypatch, capsys, two_small_shapes):
     clock = use_fake_clock(monkeypatch, tick=1 / 64)
     clock.cpu_share = 0.5  # other programs had half of the time
@@ -284,7 +338,8 @@ def test_a_chosen_dropout_is_recorded_resumed_and_kept_by_fine_tuning(tiny_data,
                                                                        two_small_shapes):
     """Where the fit favours dropout (made to here, at every budget), the run trains with it, records it,
     and a resumed run, or one fine-tuned from its weights, keeps it without measuring again."""
-    monkeypatch.setattr(sizing, "fitted_terms", lambda dropout: (sizing.A, sizing.B / (2 if dropout else 1), sizing.C))
+    monkeypatch.setattr(sizing, "fitted_terms",
+                        lambda dropout, block_size=128: (sizing.E, sizing.A, sizing.B / (1 + bool(dropout)), sizing.C))
     use_fake_clock(monkeypatch, tick=1 / 64)
     cfg = recipe(f"--data_dir={tiny_data}", "--dataset=tiny", "--eval_iters=1", "--eval_interval=10",
                  f"--out_dir={tmp_path / 'out'}", "--max_seconds=1", "--always_save_checkpoint=True")
@@ -319,7 +374,7 @@ def test_a_sized_run_ends_at_its_best_iterations_its_schedule_complete_and_resum
     """Where the budget affords more steps than the model's best (the fit's, made 12 here), the run
     ends on that iteration count with its learning rate at the end of its cosine, and an interrupted run
     resumed with a larger budget ends there too."""
-    monkeypatch.setattr(sizing, "best_tokens_m", lambda params_m, dropout=0.0: 12.5 * 2048 / 1e6)
+    monkeypatch.setattr(sizing, "best_tokens_m", lambda params_m, dropout=0.0, block_size=128: 12.5 * 2048 / 1e6)
     use_fake_clock(monkeypatch, tick=1 / 64)
     cfg = sized_run(tiny_data, tmp_path / "out", "--max_seconds=1", "--log_interval=1")
     train(cfg)
@@ -351,7 +406,8 @@ def test_a_sized_run_trains_as_the_same_shape_given_by_hand(tiny_data, tmp_path,
     sized = train(sized_run(tiny_data, tmp_path / "a", "--max_seconds=0.5"))
     use_fake_clock(monkeypatch, tick=1 / 64)
     by_hand = train(sized_run(tiny_data, tmp_path / "b", f"--max_seconds={0.5 - 14 / 64}", "--n_layer=2",
-                              "--n_embd=64", "--size_to_budget=False", "--n_head=2", "--learning_rate=1e-2"))
+                              "--n_embd=64", "--size_to_budget=False", "--n_head=2", "--learning_rate=1e-2",
+                              "--block_size=128", "--batch_size=16"))
     assert sized["val_full"] == by_hand["val_full"] and sized["val"] == by_hand["val"]
 
 

@@ -359,13 +359,13 @@ def test_the_cpu_recipe_stops_on_time_evaluates_rarely_and_keeps_the_best(tiny_d
     cfg = configure(TrainConfig, [path, *overrides])
     assert cfg.max_seconds == seconds and cfg.max_iters >= 1_000_000  # the clock ends the run
     assert cfg.size_to_budget and cfg.optimizer == "muon"  # the shape and learning rate: sizing.py's
-    assert cfg.block_size == 128 and cfg.batch_size * cfg.block_size == 2048 and cfg.mtp_weight == 0.3
+    assert not {"block_size", "batch_size"} & set(cfg.given_settings) and cfg.mtp_weight == 0.3  # sizing.py's too
     assert cfg.eval_interval >= 500 and not cfg.always_save_checkpoint and cfg.device == "cpu"
     assert cfg.out_dir == "out-shakespeare-char-cpu"
     # the whole recipe, on the tiny dataset for a moment of its budget (the 100-second shape, given)
     cfg = configure(TrainConfig, [path, *overrides, f"--data_dir={tiny_data}", "--dataset=tiny", "--max_seconds=0.5",
                                   "--eval_iters=1", "--eval_interval=5", f"--out_dir={tmp_path / 'out'}",
-                                  "--n_layer=4", "--n_embd=96", "--dropout=0.0"])
+                                  "--n_layer=4", "--n_embd=96", "--dropout=0.0", "--block_size=128"])
     use_fake_clock(monkeypatch, tick=1 / 64)  # every step 1/64 s: the budget of 0.5 s is 32 steps
     train(cfg)
     assert "trained 32 iterations in 0.5 s of training time" in capsys.readouterr().out
@@ -373,6 +373,7 @@ def test_the_cpu_recipe_stops_on_time_evaluates_rarely_and_keeps_the_best(tiny_d
     assert ckpt["val_loss"] == ckpt["best_val_loss"] and ckpt["model_args"]["n_layer"] == 4
     assert ckpt["model_args"]["mtp_weight"] == 0.3 and ckpt["model_args"]["n_head"] == 3  # sizing.py's heads
     assert ckpt["config"]["learning_rate"] == 1e-2  # and learning rate, for that width
+    assert ckpt["config"]["batch_size"] == 16  # and the batch of 2,048 tokens, for that context
 
 
 def test_the_enwik8_recipe_has_the_literatures_shape_and_trains(tiny_data, tmp_path):
