@@ -1,3 +1,4 @@
+import re
 import sys
 
 import pytest
@@ -43,8 +44,7 @@ def test_bench_prints_the_shapes_the_cpu_recipe_would_train_here(capsys, monkeyp
     rows = [line.split(": ", 1) for line in out[header + 1:]]
     assert [name.strip() for name, _ in rows] == ["100 s", "5 min", "10 min", "30 min", "1 h"]
     sizes = [1 if text.startswith("1 x 64") else 2 for _, text in rows]
-    assert all(text.startswith(("1 x 64, 2 heads", "2 x 64, 2 heads", "1 x 64 dropout 0.1, 2 heads",
-                                "2 x 64 dropout 0.1, 2 heads")) and " ms/iter, " in text
+    assert all(re.match(r"[12] x 64( dropout 0.1)?( context 256)?, 2 heads", text) and " ms/iter, " in text
                and " iterations" in text and "predicted val loss" in text for _, text in rows)
     assert sizes == sorted(sizes)  # a longer budget never gets a smaller model
 
