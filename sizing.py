@@ -57,9 +57,9 @@ CHOSEN = ("n_layer", "n_embd", "n_head", "learning_rate", "dropout", "block_size
 # A longer context (256) lowers the floor, E - CONTEXT_GAIN: each character is predicted from more of
 # the text before it. But a model learns to use it only with training: more tokens are needed to
 # get there (B + B_CONTEXT), so that a short run gains nothing from it.
-E, A, ALPHA, B, BETA, C = 1.166654, 0.144568, 0.35, 0.327477, 0.72, 0.005437
-A_DROPOUT, B_DROPOUT, C_DROPOUT = 0.193624, 0.455987, 0.000605
-CONTEXT_GAIN, B_CONTEXT = 0.011249, 0.015278
+E, A, ALPHA, B, BETA, C = 1.128308, 0.182672, 0.29, 0.32783, 0.72, 0.00557
+A_DROPOUT, B_DROPOUT, C_DROPOUT = 0.226374, 0.47857, 0.000593
+CONTEXT_GAIN, B_CONTEXT = 0.015918, 0.020991
 MEASURE_SHARE = 0.05  # the most of the budget the measurement takes (but one candidate is always measured)
 TIMED_STEPS = 2  # the steps of a candidate the measurement times, after one that warms up (train.step_timer)
 
