@@ -281,8 +281,7 @@ def shapes_for_budgets(cfg, seconds_per_iter, budgets):
     cache = {}
 
     def cached(candidate, time_left=math.inf):
-        key = tuple(getattr(candidate, k) for k in ("n_layer", "n_embd", "n_head", "dropout", "block_size",
-                                                    "batch_size"))
+        key = tuple(getattr(candidate, k) for k in CHOSEN)  # what tells candidates apart
         if key not in cache:
             cache[key] = seconds_per_iter(candidate, time_left)
         return cache[key]
