@@ -29,8 +29,9 @@ import torch
 
 from configurator import as_config_error, check, check_seed, configure, run_main
 from sizing import best_iters, shapes_for_budgets
-from device import (DeviceSettings, autocast_context, describe_dtype, matmul_peak_flops, newton_schulz_dtype,
-                    reuse_freed_memory, select_device, select_dtype, select_sampling_dtype, synchronize, use_compile)
+from device import (DeviceSettings, autocast_context, describe_dtype, grad_scaler, matmul_peak_flops,
+                    newton_schulz_dtype, reuse_freed_memory, select_device, select_dtype, select_sampling_dtype,
+                    synchronize, use_compile)
 from model import GPT, GPTConfig
 from muon import torch_optimizers
 from speedups import PackedLinear, speed_up_sampling, speed_up_training
@@ -123,7 +124,7 @@ class Variant:
         self.optimizer_name = ("Muon+" if optimizer == "muon" else "") + \
             ("fused AdamW" if adamw.defaults.get("fused") else "AdamW")
         self.step_model = torch.compile(self.model) if use_compile(cfg.compile, device) else self.model
-        self.scaler = torch.amp.GradScaler(self.device_type, enabled=(dtype == "float16"))
+        self.scaler = grad_scaler(device, dtype)
         self.ctx = autocast_context(device, dtype)
         self.batches = TrainBatches(TokenFile(data_path), cfg.batch_size, cfg.block_size, 1, np.random.default_rng(cfg.seed), device)
         self.step_times, self.sample_rates, self.batch_times = [], [], []

@@ -53,16 +53,36 @@ def split_file(cfg, split):
     return TokenFile(os.path.join(dataset_dir(cfg), f"{split}.bin"), token_dtype(meta))
 
 
-def check_longer_than_a_block(tokens, block_size):
+def existing_splits(cfg):
+    """The dataset's token files, {split: TokenFile}: train and val, and test where it was prepared."""
+    files = {split: split_file(cfg, split) for split in ("train", "val", "test")}
+    return {split: tokens for split, tokens in files.items() if split != "test" or os.path.exists(tokens.path)}
+
+
+def check_longer_than_a_block(tokens, block_size, remedy="use a smaller --block_size or a longer text"):
     if len(tokens) <= block_size:
         raise ConfigError(f"block_size={block_size} is not smaller than {tokens.path} ({len(tokens)} tokens); "
-                          f"use a smaller --block_size or a longer text")
+                          f"{remedy}")
+
+
+def splits_read(cfg):
+    """The splits a run reads: train and val (evals), and test for --eval_only --eval_split=test."""
+    return ("train", "val") + (("test",) if cfg.eval_only and cfg.eval_split == "test" else ())
+
+
+def check_blocks(cfg, remedy="use a smaller --block_size or a longer text"):
+    """Every split the run reads holds a block of cfg.block_size (and the token after it)."""
+    splits = existing_splits(cfg)
+    for split in splits_read(cfg):
+        if split in splits:
+            check_longer_than_a_block(splits[split], cfg.block_size, remedy)
 
 
 def longest_block(cfg):
-    """The longest block_size every split of the dataset holds (check_longer_than_a_block)."""
-    splits = (split_file(cfg, split) for split in ("train", "val", "test"))
-    return min(len(tokens) for tokens in splits if os.path.exists(tokens.path)) - 1
+    """The longest block_size that training and its evals can read (check_longer_than_a_block): the
+    shorter of train and val, less the token each block predicts last."""
+    splits = existing_splits(cfg)
+    return min(len(splits["train"]), len(splits["val"])) - 1
 
 
 def ensure_prepared(cfg):
@@ -80,22 +100,22 @@ def ensure_prepared(cfg):
 
 def load_dataset(cfg, procs=Processes(), device="cpu", block_size=None):
     """The dataset's tokenizer, once rank 0 has prepared the dataset if needed; its files are checked,
-    each against a context of block_size (cfg's unless given; 1 where the context is still to be chosen
-    from what they hold)."""
-    block_size = cfg.block_size if block_size is None else block_size
+    each against a context of block_size where it is known (cfg's, unless None is given: the context is
+    still to be chosen, by the rule or from a checkpoint, and check_blocks checks it then)."""
     on_rank0(lambda: ensure_prepared(cfg), procs, device)
     tok = load_tokenizer(os.path.join(dataset_dir(cfg), "meta.pkl"))
-    for split in ("train", "val", "test"):
-        tokens = split_file(cfg, split)
-        if split == "test" and not os.path.exists(tokens.path):
-            continue
+    for split, tokens in existing_splits(cfg).items():
         size = os.path.getsize(tokens.path)
         if size % tokens.dtype.itemsize or (size and int(np.memmap(tokens.path, dtype=tokens.dtype, mode="r").max())
                                             >= tok.vocab_size):
             raise UserError(f"{tokens.path} does not belong with {dataset_dir(cfg)}/meta.pkl (token ids beyond its "
                             f"{tok.vocab_size} tokens, or a truncated file); prepare the dataset again with "
                             f"prepare_shakespeare.py")
-        check_longer_than_a_block(tokens, block_size)
+        if block_size is not None:
+            check_longer_than_a_block(tokens, block_size)
+        elif len(tokens) < 2:
+            raise ConfigError(f"{tokens.path} holds {len(tokens)} token(s): too short to train or evaluate on (a "
+                              f"token and the one after it at the least); prepare the dataset from a longer text")
     return tok
 
 
@@ -103,13 +123,8 @@ def bits_per_char_scales(cfg):
     """For each split, what turns a loss per token (nats) into bits per character of its text, so
     that character and BPE models compare on one scale (tokenizer.bits_per_char)."""
     chars = read_meta(os.path.join(dataset_dir(cfg), "meta.pkl")).get("chars", {})
-    scales = {}
-    for split in ("train", "val", "test"):
-        tokens = split_file(cfg, split)
-        if os.path.exists(tokens.path):
-            n = len(tokens)
-            scales[split] = bits_per_char(1.0, n, chars.get(split, n))  # nanoGPT's: a token per character
-    return scales
+    return {split: bits_per_char(1.0, len(tokens), chars.get(split, len(tokens)))  # nanoGPT's: a token a character
+            for split, tokens in existing_splits(cfg).items()}
 
 
 class TrainBatches:

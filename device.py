@@ -218,6 +218,12 @@ def autocast_context(device, dtype):
     return torch.autocast(device_type=torch.device(device).type, dtype=getattr(torch, dtype))
 
 
+def grad_scaler(device, dtype):
+    """float16 gradients underflow without loss scaling; bf16 and float32 need none (a disabled scaler
+    steps the optimizer as it is)."""
+    return torch.amp.GradScaler(torch.device(device).type, enabled=(dtype == "float16"))
+
+
 def use_compile(setting, device):
     """compile='auto' compiles on CUDA only: on CPU it made bench.py's training step slower."""
     return torch.device(device).type == "cuda" if setting == "auto" else setting

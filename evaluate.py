@@ -33,10 +33,12 @@ def estimate_loss(model, cfg, device, ctx, procs=Processes()):
     """Mean loss over eval_iters batches per split. The batches are the same at every call (a
     fixed seed), so evals along a run are comparable; under torchrun the processes share them out."""
     with evaluating(model):
-        return {split: split_loss(model, cfg, split, i, device, ctx, procs) for i, split in enumerate(("train", "val"))}
+        return {split: sampled_loss(model, cfg, split, i, device, ctx, procs)
+                for i, split in enumerate(("train", "val"))}
 
 
-def split_loss(model, cfg, split, seed_offset, device, ctx, procs):
+def sampled_loss(model, cfg, split, seed_offset, device, ctx, procs):
+    """Mean loss over eval_iters random training-sized batches of one split (nanoGPT's estimate)."""
     tokens = split_file(cfg, split)
     rng = np.random.default_rng([cfg.seed, 1000 + seed_offset])
     starts = rng.integers(0, len(tokens) - cfg.block_size, size=(cfg.eval_iters, cfg.batch_size))
@@ -60,7 +62,7 @@ def spread_windows(n_windows, max_windows=None):
 
 
 @torch.no_grad()
-def evaluate_split(model, tokens, block_size, batch_size, device, ctx, procs=Processes(), max_windows=None):
+def windows_loss(model, tokens, block_size, batch_size, device, ctx, procs=Processes(), max_windows=None):
     """Mean loss over the token file read as consecutive non-overlapping windows: all of them, or
     max_windows spread evenly over it (spread_windows); under torchrun the processes take turns at
     the batches and add up their sums."""
@@ -83,7 +85,7 @@ EVAL_LOGITS = 1 << 24  # and fewer for a large vocabulary: at most this many log
 FINAL_PASS_TOKENS = 1 << 17  # the end-of-run pass reads the val split whole up to this size, else a sample
 
 
-def split_loss_report(model, cfg, split, device, ctx, procs=Processes(), max_tokens=None):
+def whole_split_loss(model, cfg, split, device, ctx, procs=Processes(), max_tokens=None):
     """The loss over the windows of a split (all, or at most max_tokens' worth, spread evenly), in
     batches sized for speed (a small training batch would make many small steps), never smaller than
     training's. Returns (loss, what was covered in words, seconds it took)."""
@@ -95,7 +97,7 @@ def split_loss_report(model, cfg, split, device, ctx, procs=Processes(), max_tok
     n_windows = (len(tokens) - 1) // cfg.block_size
     max_windows = None if max_tokens is None else max(1, max_tokens // cfg.block_size)
     batch_size = max(cfg.batch_size, min(EVAL_TOKENS, EVAL_LOGITS // cfg.vocab_size) // cfg.block_size)
-    loss = evaluate_split(model, tokens, cfg.block_size, batch_size, device, ctx, procs, max_windows)
+    loss = windows_loss(model, tokens, cfg.block_size, batch_size, device, ctx, procs, max_windows)
     used = len(spread_windows(n_windows, max_windows))
     covered = (f"the whole {split} split" if used == n_windows else
                f"{used:,} of the {split} split's {n_windows:,} windows, spread evenly")
@@ -106,7 +108,7 @@ def final_val_loss(model, cfg, device, ctx, procs=Processes()):
     """The figure a run reports at its end (the README's): the val split's loss, over the whole
     split where it is small (Tiny Shakespeare's is), over an even sample of it where it is large,
     so that the pass takes seconds. Returns (loss, what was covered, seconds)."""
-    return split_loss_report(model, cfg, "val", device, ctx, procs, FINAL_PASS_TOKENS)
+    return whole_split_loss(model, cfg, "val", device, ctx, procs, FINAL_PASS_TOKENS)
 
 
 def evaluate_only(model, cfg, device, ctx, procs):
@@ -114,7 +116,7 @@ def evaluate_only(model, cfg, device, ctx, procs):
     and over the whole of eval_split (val, or test as papers report), in bits per character too."""
     losses = estimate_loss(model, cfg, device, ctx, procs)
     split = cfg.eval_split
-    losses[f"{split}_full"], covered, seconds = split_loss_report(model, cfg, split, device, ctx, procs)
+    losses[f"{split}_full"], covered, seconds = whole_split_loss(model, cfg, split, device, ctx, procs)
     bpc = bits_per_char_scales(cfg)
     if procs.master:
         print(f"eval: train loss {losses['train']:.4f} ({losses['train'] * bpc['train']:.4f} bpc), val loss "

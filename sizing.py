@@ -19,10 +19,10 @@ how fast this machine runs each shape. So the rule measures that, then predicts:
    ends (best_tokens_m), the run ends there instead. Dropout costs a short run but lets a model
    train far longer before that: it wins the long budgets. A longer context costs a little more a
    step (attention grows with it) and predicts each character from more of the text before it.
-A candidate is only measured while it could still beat the best so far (it is no faster than a
-smaller one measured before it), and its steps stop where they would take more than MEASURE_SHARE of the
-budget, all candidates together (a model that slow gets too few steps to win): the measurement takes
-seconds, and they come out of the budget.
+A candidate is only measured while it could still beat the best so far, taking it to be no faster than
+the smaller candidates measured before it; and its steps stop where they would take the measurement,
+all candidates together, past MEASURE_SHARE of the budget (a model that slow gets too few steps to
+win). The measurement takes seconds, and they come out of the budget.
 """
 
 import csv
@@ -64,15 +64,16 @@ MEASURE_SHARE = 0.05  # the most of the budget the measurement takes (but one ca
 TIMED_STEPS = 2  # the steps of a candidate the measurement times, after one that warms up (train.step_timer)
 
 
-def derived_settings(n_embd, block_size, optimizer, given):
+def derived_settings(n_embd, block_size, optimizer, given, accumulation_steps=1):
     """The settings that follow the width and the context, those the user did not give: about HEAD_SIZE
     channels a head, a learning rate that falls as the model widens (Muon's 1e-2 suits 96 wide, 7e-3
-    about 128; AdamW takes a fifth of Muon's), and the batch that makes STEP_TOKENS a step."""
+    about 128; AdamW takes a fifth of Muon's), and the batch that makes STEP_TOKENS a step over
+    accumulation_steps micro-batches (gradient_accumulation_steps: under torchrun, one a process at least)."""
     even_heads = [h for h in range(1, n_embd + 1) if n_embd % h == 0 and (n_embd // h) % 2 == 0]
     n_head = min(even_heads, key=lambda h: abs(h - n_embd / HEAD_SIZE), default=1)
     peak = 1e-2 if optimizer == "muon" else 2e-3
     derived = {"n_head": n_head, "learning_rate": peak * min(1.0, 96 / n_embd),
-               "batch_size": max(1, STEP_TOKENS // block_size)}
+               "batch_size": max(1, STEP_TOKENS // (block_size * accumulation_steps))}
     return {k: v for k, v in derived.items() if k not in given}
 
 
@@ -151,7 +152,8 @@ def candidate_settings(cfg, longest_context=math.inf):
         shape = {"n_layer": n_layer, "n_embd": n_embd, "dropout": dropout, "block_size": context}
         settings = {k: v for k, v in shape.items() if k not in cfg.given_settings}
         width, block_size = settings.get("n_embd", cfg.n_embd), settings.get("block_size", cfg.block_size)
-        settings.update(derived_settings(width, block_size, cfg.optimizer, cfg.given_settings))
+        settings.update(derived_settings(width, block_size, cfg.optimizer, cfg.given_settings,
+                                         cfg.gradient_accumulation_steps))
         heads = settings.get("n_head", cfg.n_head)
         odd_heads = cfg.pos_encoding == "rope" and (width // heads) % 2
         if width % heads == 0 and not odd_heads and settings not in found:
@@ -268,6 +270,18 @@ def sized_for_budget(cfg, seconds_per_iter, clock=time.perf_counter, longest_con
     return chosen, line, spent
 
 
+def as_checkpoint_model(cfg, model_args, longest_context=math.inf):
+    """cfg for a run that starts from a checkpoint's model (fine-tuning, --eval_only): the model's own
+    dropout and context (at most longest_context: fine-tuning on a shorter text crops it) where they
+    were not given, and the settings that follow its width and that context. Its shape is its own."""
+    kept = {k: model_args[k] for k in ("dropout", "block_size") if k in model_args and k not in cfg.given_settings}
+    if "block_size" in kept:
+        kept["block_size"] = min(kept["block_size"], longest_context)
+    given = (*cfg.given_settings, "n_head")  # the checkpoint's heads are its own
+    return replace(cfg, **kept, **derived_settings(model_args["n_embd"], kept.get("block_size", cfg.block_size),
+                                                   cfg.optimizer, given, cfg.gradient_accumulation_steps))
+
+
 def as_chosen_before(cfg, saved):
     """cfg with the choice a run recorded (its checkpoint's config), for --init_from=resume: the rule's
     settings the user did not give are taken from it, so that the run goes on with the same model, to
@@ -276,17 +290,31 @@ def as_chosen_before(cfg, saved):
 
 
 def shapes_for_budgets(cfg, seconds_per_iter, budgets):
-    """{budget: best Choice} for each of budgets (seconds), as train.py would choose (each candidate
-    measured once): for bench.py."""
-    cache = {}
+    """{budget: best Choice} for each of budgets (seconds), as train.py would choose, for bench.py: each
+    candidate is measured once, in full, and each budget's choice replays the measurement train.py would
+    make for it, its share used up as its steps would use it (step_timer's: a candidate whose next step
+    would overrun the share is stopped there, as too slow)."""
+    measured = {}
 
-    def cached(candidate, time_left=math.inf):
-        key = tuple(getattr(candidate, k) for k in CHOSEN)  # what tells candidates apart
-        if key not in cache:
-            cache[key] = seconds_per_iter(candidate, time_left)
-        return cache[key]
+    def choice_for(budget):
+        spent = 0.0
 
-    return {b: choose(replace(cfg, max_seconds=b), cached, b)[0] for b in budgets}
+        def replayed(candidate, time_left=math.inf):
+            nonlocal spent
+            key = tuple(getattr(candidate, k) for k in CHOSEN)  # what tells candidates apart
+            if key not in measured:
+                measured[key] = seconds_per_iter(candidate)
+            seconds, steps = measured[key], TIMED_STEPS + 1  # the timed steps and the one that warms up
+            if steps * seconds > time_left:
+                spent += max(1, math.floor(time_left / seconds)) * seconds
+                return math.inf
+            spent += steps * seconds
+            return seconds
+
+        return choose(replace(cfg, max_seconds=budget), replayed, budget,
+                      time_left=lambda: MEASURE_SHARE * budget - spent)[0]
+
+    return {budget: choice_for(budget) for budget in budgets}
 
 
 # The fit behind predicted_loss: `python sizing.py docs/sizing_runs.csv` prints its constants

@@ -19,7 +19,7 @@ import signal
 import statistics
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import ClassVar
 
 import numpy as np
@@ -30,18 +30,18 @@ from checkpoint import (CHECKPOINT_SHAPE, CKPT_NAME, RESUME_NAME, Progress, capt
                         restore_training_state, save_checkpoint, training_checkpoint)
 from configurator import (ConfigError, UserError, as_config_error, check, check_choice, check_seed, configure,
                           run_main)
-from dataset import TrainBatches, bits_per_char_scales, load_dataset, longest_block, split_file
+from dataset import TrainBatches, bits_per_char_scales, check_blocks, load_dataset, longest_block, split_file
 from device import (DeviceSettings, autocast_context, busy_cpu_line, check_replicas_agree, describe_dtype,
-                    end_processes, Processes, from_rank0, gather_from_all, matmul_peak_flops, newton_schulz_dtype,
-                    on_rank0, out_of_memory_in_one_line, reuse_freed_memory, select_dtype, start_processes,
-                    use_compile)
+                    end_processes, Processes, from_rank0, gather_from_all, grad_scaler, matmul_peak_flops,
+                    newton_schulz_dtype, on_rank0, out_of_memory_in_one_line, reuse_freed_memory, select_dtype,
+                    start_processes, use_compile)
 from evaluate import estimate_loss, evaluate_only, final_val_loss, show_sample
 from files import StopSignals
 from metrics import TrainingLog, plot_metrics, start_wandb
 from model import GPTConfig, build_model
 from out_dir import out_dir_claimed, refuse_a_file_as_out_dir, refuse_to_replace_a_trained_run
 from prepare_shakespeare import DEFAULT_DATASET, check_dataset_name
-from sizing import (TIMED_STEPS, as_chosen_before, candidate_settings, chooses_context, derived_settings,
+from sizing import (TIMED_STEPS, as_checkpoint_model, as_chosen_before, candidate_settings, chooses_context,
                     sized_for_budget, tokens_per_iter)
 from speedups import speed_up_training
 
@@ -71,7 +71,7 @@ class TrainConfig(GPTConfig, DeviceSettings):
     dataset: str = DEFAULT_DATASET  # folder under data_dir made by prepare_shakespeare.py
     data_dir: str = "data"  # where datasets live
     gradient_accumulation_steps: int = 1  # global count, divided across torchrun processes
-    batch_size: int = 64  # sequences per micro-batch
+    batch_size: int = 64  # sequences per micro-batch (with size_to_budget, the context's unless given)
     # optimizer: AdamW, or Muon for the matrices inside the blocks and AdamW for the rest
     optimizer: str = "adamw"  # 'adamw' or 'muon'
     learning_rate: float = 1e-3  # peak learning rate (Muon's steps are scaled to match AdamW's)
@@ -86,7 +86,8 @@ class TrainConfig(GPTConfig, DeviceSettings):
     lr_decay_iters: int = 5000  # the cosine reaches min_lr here (usually max_iters)
     min_lr: float = 1e-4  # the schedule's floor (about learning_rate / 10)
     max_seconds: float = 0.0  # > 0: training time to stop at; the schedule ends with it or max_iters, the first
-    size_to_budget: bool = False  # pick the shape for max_seconds on this machine by measuring (sizing.py)
+    size_to_budget: bool = False  # pick the model for max_seconds on this machine by measuring (sizing.py): shape,
+    # context, batch, learning rate and dropout, those not given
     # system (and device, dtype, compile: DeviceSettings, in device.py)
     backend: str = "auto"  # torch.distributed backend: 'auto' is nccl on CUDA, gloo elsewhere
     seed: int = 1337  # seeds the weights, dropout and batches
@@ -95,12 +96,14 @@ class TrainConfig(GPTConfig, DeviceSettings):
     def __post_init__(self):
         """Every setting is checked here, where it is declared: a bad value stops the run before it starts."""
         lowest_lr = self.learning_rate
-        check(self.n_embd > 0, "n_embd", self.n_embd, "positive")  # before sizing.py divides by it
+        check(self.n_embd > 0, "n_embd", self.n_embd, "positive")  # before sizing.py divides by them
+        check(self.block_size > 0, "block_size", self.block_size, "positive")
         check_seed(self.seed)
         if self.size_to_budget:  # the shape is sizing.py's to choose: check the model's settings with its first
             tried = candidate_settings(self)
+            model_settings = {f.name for f in fields(GPTConfig)}
             as_config_error(lambda: GPTConfig.from_settings(self, **{k: v for k, v in tried[0].items()
-                                                                     if k not in ("learning_rate", "batch_size")}))
+                                                                     if k in model_settings}))
             lowest_lr = min(settings.get("learning_rate", self.learning_rate) for settings in tried)
         else:
             as_config_error(super().__post_init__)  # the model's settings: GPTConfig's checks
@@ -120,7 +123,8 @@ class TrainConfig(GPTConfig, DeviceSettings):
                   f"greater than warmup_iters ({self.warmup_iters})")
         check(self.max_seconds >= 0, "max_seconds", self.max_seconds, ">= 0 (0: no time limit)")
         check(self.max_seconds > 0 or not self.size_to_budget, "max_seconds", self.max_seconds,
-              "> 0 with size_to_budget=True, the budget the model is sized for (or give --size_to_budget=False)")
+              "> 0 with size_to_budget=True, the budget the model is sized for (or give --size_to_budget=False "
+              "with the model's settings and --max_iters)")
         check(self.out_dir != "", "out_dir", self.out_dir, "a folder name")
         refuse_a_file_as_out_dir(self.out_dir)
         check_dataset_name("dataset", self.dataset)
@@ -165,7 +169,7 @@ def step_timer(tokens, vocab_size, device, dtype, procs=Processes(), steps=TIMED
     step (as long as the last) would end past time_left seconds. On a CPU that other programs keep
     busy, says so once (device.busy_cpu_line): the speeds it measures are then the busy machine's."""
     ctx = autocast_context(device, dtype)
-    scaler = torch.amp.GradScaler(torch.device(device).type, enabled=(dtype == "float16"))
+    scaler = grad_scaler(device, dtype)
     importlib.import_module("torch._dynamo")  # the first optimizer imports it (seconds, once): not the shapes' time
     said_busy = False
 
@@ -210,11 +214,8 @@ def fit_to_budget(cfg, tok, device, dtype, procs):
         checkpoint = load_checkpoint(path, "cpu", hint=hint)
         if cfg.init_from == "resume" and not cfg.eval_only:
             return as_chosen_before(cfg, checkpoint.get("config", {})), 0.0
-        model_args = checkpoint["model_args"]
-        kept = {k: model_args[k] for k in ("dropout", "block_size") if k in model_args and k not in cfg.given_settings}
-        given = (*cfg.given_settings, "n_head")  # the checkpoint's heads are its own
-        return replace(cfg, **kept, **derived_settings(model_args["n_embd"], kept.get("block_size", cfg.block_size),
-                                                       cfg.optimizer, given)), 0.0
+        # eval_only evaluates at the checkpoint's context; fine-tuning crops it to what the text holds
+        return as_checkpoint_model(cfg, checkpoint["model_args"], math.inf if cfg.eval_only else longest_block(cfg)), 0.0
     timer = step_timer(split_file(cfg, "train"), tok.vocab_size, device, dtype, procs)
     # every process reads rank 0's clock, as it takes rank 0's times: all make the same choices
     cfg, line, set_aside = sized_for_budget(cfg, timer, clock=lambda: from_rank0(time.perf_counter(), procs, device),
@@ -424,7 +425,8 @@ def train(cfg):
     micro_steps = micro_steps_per_process(cfg, procs)
     dtype = select_dtype(cfg.dtype, device)
     ctx = autocast_context(device, dtype)  # mixed precision: matmuls in dtype, weights in float32
-    tok = load_dataset(cfg, procs, device, block_size=1 if chooses_context(cfg) else cfg.block_size)
+    # the context is checked against the text now where it is known, else once it is (check_blocks)
+    tok = load_dataset(cfg, procs, device, None if chooses_context(cfg) or cfg.eval_only else cfg.block_size)
     if cfg.init_from != "resume" and not cfg.overwrite and not cfg.eval_only:
         refuse_to_replace_a_trained_run(cfg)  # now: not after seconds of measuring, nor after wandb starts a run
     cfg, set_aside_seconds = fit_to_budget(cfg, tok, device, dtype, procs)  # first: it draws random numbers
@@ -432,6 +434,8 @@ def train(cfg):
     data_rng = np.random.default_rng(cfg.seed)  # the same in every process: see TrainBatches
     asked = cfg  # the settings given, before a checkpoint's model replaces its shape
     cfg, raw_model, checkpoint = init_model(cfg, tok, device)
+    check_blocks(cfg, "it is the checkpoint's context: evaluate it on a longer text" if cfg.eval_only else
+                 "use a smaller --block_size or a longer text")
     if cfg.init_from not in ("scratch", "resume") and not cfg.eval_only and procs.master:  # fine-tuning
         note_the_checkpoint_shape(asked, cfg)
     raw_model = speed_up_training(raw_model.to(device), device, dtype)
@@ -442,7 +446,7 @@ def train(cfg):
     wandb_run = on_rank0(lambda: start_wandb(cfg) if cfg.wandb_log else None, procs, device)
     with out_dir_claimed(cfg, procs, device):  # only now: a run refused above leaves nothing behind
         optimizer = build_optimizer(raw_model, cfg, device)
-        scaler = torch.amp.GradScaler(torch.device(device).type, enabled=(dtype == "float16"))  # float16 needs one
+        scaler = grad_scaler(device, dtype)
         progress = Progress(schedule_seconds=cfg.max_seconds - set_aside_seconds, set_aside_seconds=set_aside_seconds)
         if cfg.init_from == "resume":
             restore_training_state(checkpoint, raw_model, optimizer, scaler, data_rng, device, procs.rank)
@@ -504,9 +508,11 @@ def main(argv):
     cfg = configure(TrainConfig, argv)
     failed = True
     try:
-        with out_of_memory_in_one_line(cfg.device, f"--batch_size ({cfg.batch_size}) or --block_size "
-                                                   f"({cfg.block_size}); --gradient_accumulation_steps keeps the "
-                                                   f"batch with smaller pieces"):
+        # a sized run's batch and context are not known yet: the hint names them without values
+        lower = "--batch_size or --block_size" if cfg.size_to_budget else \
+            f"--batch_size ({cfg.batch_size}) or --block_size ({cfg.block_size})"
+        with out_of_memory_in_one_line(cfg.device, f"{lower}; --gradient_accumulation_steps keeps the batch with "
+                                                   f"smaller pieces"):
             train(cfg)
         failed = False
     finally:

@@ -7,6 +7,8 @@
 # --n_head, --learning_rate, --dropout, --block_size or --batch_size given here or on the command
 # line are kept, and the rule chooses the rest: dropout (0.1) for budgets long enough that a model
 # without it would learn the text by heart, a context of 256 where its longer steps pay.
+# --size_to_budget=False turns the rule off: what is not given is then train.py's default (nanoGPT's
+# 6 x 384 with batches of 64 x 256), so give the shape too (README, Results, "before sizing").
 # What every budget shares was found by the 100-second search (docs/experiments.md, "Which CPU
 # recipe (100 s)"): 2,048 tokens a step, rotary positions,
 # multi-token prediction, Muon, more weight decay, a short warmup and a cosine schedule

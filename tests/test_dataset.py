@@ -9,7 +9,7 @@ import torch
 
 import device
 from configurator import UserError
-from dataset import TokenFile, TrainBatches, split_file
+from dataset import TokenFile, TrainBatches, check_blocks, existing_splits, load_dataset, longest_block, split_file
 from helpers import TINY_TEXT
 from prepare_shakespeare import prepare
 from tokenizer import CharTokenizer
@@ -53,6 +53,21 @@ def test_train_batches_refuse_a_file_shorter_than_a_block(tmp_path):
     np.arange(10, dtype=np.uint16).tofile(path)
     with pytest.raises(UserError, match="block_size"):
         TrainBatches(TokenFile(str(path)), 2, 10, 1, np.random.default_rng(0), "cpu")
+
+
+def test_the_longest_context_is_what_training_and_its_evals_read_and_a_split_too_short_is_refused(tmp_path):
+    """The rule's contexts go up to what train and val hold: a short test split (read only by
+    --eval_only --eval_split=test) does not cut them. A split of one token holds no window at all."""
+    prepare(TINY_TEXT, str(tmp_path / "data" / "t"), test_fraction=0.002)
+    cfg = TrainConfig(data_dir=str(tmp_path / "data"), dataset="t")
+    splits = existing_splits(cfg)
+    assert len(splits["test"]) < 64 < longest_block(cfg) == min(len(splits["train"]), len(splits["val"])) - 1
+    with pytest.raises(UserError, match=r"block_size=64 is not smaller than .*test.bin \(\d+ tokens\)"):
+        check_blocks(dataclasses.replace(cfg, block_size=64, eval_only=True, eval_split="test"))
+    check_blocks(dataclasses.replace(cfg, block_size=64))  # a run that does not read the test split
+    np.zeros(1, dtype=np.uint16).tofile(splits["val"].path)
+    with pytest.raises(UserError, match=r"val.bin holds 1 token\(s\): too short to train or evaluate on"):
+        load_dataset(cfg, block_size=None)
 
 
 def test_missing_shakespeare_is_prepared_automatically(tiny_cfg, tmp_path, monkeypatch, capsys):

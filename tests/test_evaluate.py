@@ -42,13 +42,13 @@ def test_the_whole_val_pass_runs_in_large_batches_whatever_the_training_batch(ti
     import evaluate
     cfg = dataclasses.replace(tiny_cfg, batch_size=2, block_size=8, always_save_checkpoint=True)
     calls = []
-    real = evaluate.evaluate_split
+    real = evaluate.windows_loss
 
     def recording(model, path, block_size, batch_size, *args):
         calls.append(batch_size)
         return real(model, path, block_size, batch_size, *args)
 
-    monkeypatch.setattr(evaluate, "evaluate_split", recording)
+    monkeypatch.setattr(evaluate, "windows_loss", recording)
     losses = train(cfg)
     assert calls == [evaluate.EVAL_TOKENS // 8]
     model = model_from_checkpoint(load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt")))

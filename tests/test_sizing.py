@@ -12,10 +12,12 @@ import pytest
 import sizing
 from configurator import ConfigError, configure
 from checkpoint import load_checkpoint
-from helpers import REPO, run_in_process, use_fake_clock
+from helpers import REPO, VERSE, run_in_process, use_fake_clock
+from prepare_shakespeare import prepare
+from tokenizer import load_tokenizer
 from sizing import (DROPOUT, MEASURE_SHARE, SHAPES, best_iters, best_tokens_m, candidates, choose, derived_settings, fit_loss,
-                    model_params_m, predicted_loss, read_runs, sized_for_budget, tokens_per_iter)
-from dataset import load_dataset, split_file
+                    model_params_m, predicted_loss, read_runs, shapes_for_budgets, sized_for_budget, tokens_per_iter)
+from dataset import load_dataset, longest_block, split_file
 from train import TrainConfig, step_timer, train
 
 CPU_RECIPE = os.path.join(REPO, "config", "train_shakespeare_char_cpu.py")
@@ -91,6 +93,9 @@ def test_heads_and_learning_rate_follow_the_width_unless_given():
     assert derived_settings(128, 256, "muon", ("n_head",)) == {"learning_rate": 7.5e-3, "batch_size": 8}
     assert derived_settings(96, 64, "adamw", ()) == {"n_head": 3, "learning_rate": 2e-3, "batch_size": 32}  # AdamW's
     assert derived_settings(100, 128, "muon", ())["n_head"] == 2  # 50 channels: the nearest count that divides evenly
+    # accumulated micro-batches (under torchrun, one a process at least) share the step's tokens
+    assert derived_settings(128, 128, "muon", (), accumulation_steps=2)["batch_size"] == 8
+    assert {tokens_per_iter(c) for c in candidates(recipe("--gradient_accumulation_steps=4"))} == {2048}
     # settings given to a config built in code are kept as they are: nothing is derived behind them
     assert (replace(cfg, n_layer=6, n_embd=384, n_head=6).n_head, replace(cfg, learning_rate=1e-3).learning_rate) \
         == (6, 1e-3)
@@ -105,6 +110,8 @@ def test_bad_settings_for_sizing_are_refused_in_one_line():
         recipe("--min_lr=3e-3")
     with pytest.raises(ConfigError, match="dropout must be in"):
         recipe("--dropout=2.0")
+    with pytest.raises(ConfigError, match="block_size must be positive, got 0"):  # before the batch divides by it
+        recipe("--block_size=0", "--batch_size=4")
 
 
 def test_the_choice_grows_with_the_budget_and_the_machine_speed():
@@ -204,6 +211,26 @@ def test_the_measurement_stops_at_its_share_of_the_budget_and_refuses_a_budget_s
     assert len(unbounded) > 1 and clock[0] > 2 * MEASURE_SHARE * 30  # timed in full, they would overrun
     with pytest.raises(ConfigError, match=r"max_seconds=0.01 is shorter than one step of the smallest model \(4 x 64"):
         choose(recipe(), machine(1e9), 0.01)
+
+
+def test_bench_chooses_as_train_does_the_share_of_each_budget_used_up_alike():
+    """bench.py measures each candidate once for all its budgets and replays, for each, the measurement
+    train.py would make (shapes_for_budgets): where the share stops the slow candidates, bench does too."""
+    def chosen(c):
+        return tuple(getattr(c, k) for k in sizing.CHOSEN)
+
+    share_decided = False
+    # a CPU, and a GPU whose steps all cost about the same: at a few seconds, the share measures only some
+    for flops, overhead, budgets in ((3e9, 0.0, (300,)), (2e13, 0.02, (3, 30))):
+        choices = shapes_for_budgets(recipe(), machine(flops, overhead), budgets)
+        for budget, choice in choices.items():
+            clock = [0.0]
+            cfg, _, _ = sized_for_budget(recipe(f"--max_seconds={budget}"), machine(flops, overhead, clock=clock),
+                                         clock=lambda: clock[0])
+            assert chosen(choice.cfg) == chosen(cfg)
+            unlimited = choose(recipe(f"--max_seconds={budget}"), machine(flops, overhead), budget)[0]
+            share_decided = share_decided or chosen(unlimited.cfg) != chosen(cfg)
+    assert share_decided  # somewhere the share kept the best of all from being measured, as in train.py
 
 
 def test_the_step_timer_stops_where_its_next_step_would_end_past_the_time_left(tiny_cfg, monkeypatch):
@@ -306,6 +333,20 @@ def test_a_chosen_context_is_recorded_resumed_evaluated_and_kept_by_fine_tuning(
     with open(tmp_path / "tuned" / "config.json") as f:
         assert {k: v for k, v in json.load(f).items() if k in ("block_size", "batch_size")} == \
             {"block_size": 32, "batch_size": 64}
+    # a text too short for the model's context: fine-tuning crops the context to what the text holds;
+    # evaluating the model on it, which reads it at its own context, is refused in one line
+    prepare(VERSE, str(tiny_data / "short"), tok=load_tokenizer(str(tiny_data / "tiny" / "meta.pkl")))
+    short = replace(cfg, dataset="short")
+    holds = longest_block(short)
+    assert holds < 32
+    train(replace(short, init_from=str(tmp_path / "out"), out_dir=str(tmp_path / "short-tuned"), max_iters=2))
+    with open(tmp_path / "short-tuned" / "config.json") as f:
+        assert {k: v for k, v in json.load(f).items() if k in ("block_size", "batch_size")} == \
+            {"block_size": holds, "batch_size": 2048 // holds}
+    assert load_checkpoint(str(tmp_path / "short-tuned" / "ckpt.pt"))["model_args"]["block_size"] == holds
+    with pytest.raises(ConfigError, match=r"block_size=32 is not smaller than .*short.val.bin \(\d+ tokens\); it is "
+                                          r"the checkpoint's context: evaluate it on a longer text"):
+        train(replace(short, eval_only=True))
 
 
 def test_the_contexts_tried_are_those_the_text_holds_and_given_ones_win():
