@@ -158,9 +158,12 @@ def candidate_settings(cfg, longest_context=math.inf):
         odd_heads = cfg.pos_encoding == "rope" and (width // heads) % 2
         if width % heads == 0 and not odd_heads and settings not in found:
             found.append(settings)
-    if not found:  # only a given n_head can do this
+    if not found:  # a given n_head, or a given width no count of heads splits evenly
         widths = f"n_embd={cfg.n_embd}" if "n_embd" in cfg.given_settings else \
             f"any width sizing.py tries ({', '.join(str(c) for c in sorted({c for _, c in SHAPES}))})"
+        if "n_head" not in cfg.given_settings:
+            raise ConfigError(f"{widths} does not split into heads of an even size (rotary positions need one); "
+                              f"give an even --n_embd")
         raise ConfigError(f"n_head={cfg.n_head} does not split {widths} into heads of an even size; "
                           f"give another --n_head, or leave it out")
     return found

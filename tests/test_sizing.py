@@ -106,6 +106,9 @@ def test_bad_settings_for_sizing_are_refused_in_one_line():
         recipe("--n_head=5")
     with pytest.raises(ConfigError, match="n_head=3 does not split n_embd=100 into heads of an even size"):
         recipe("--n_embd=100", "--n_head=3")
+    with pytest.raises(ConfigError, match=r"n_embd=81 does not split into heads of an even size \(rotary positions "
+                                          r"need one\); give an even --n_embd"):
+        recipe("--n_embd=81")
     with pytest.raises(ConfigError, match=r"min_lr must be between 0 and learning_rate \(0.0025, the lowest sizing"):
         recipe("--min_lr=3e-3")
     with pytest.raises(ConfigError, match="dropout must be in"):
