@@ -215,7 +215,8 @@ def fit_to_budget(cfg, tok, device, dtype, procs):
         if cfg.init_from == "resume" and not cfg.eval_only:
             return as_chosen_before(cfg, checkpoint.get("config", {})), 0.0
         # eval_only evaluates at the checkpoint's context; fine-tuning crops it to what the text holds
-        return as_checkpoint_model(cfg, checkpoint["model_args"], math.inf if cfg.eval_only else longest_block(cfg)), 0.0
+        longest = math.inf if cfg.eval_only else longest_block(cfg)
+        return as_checkpoint_model(cfg, checkpoint["model_args"], longest), 0.0
     timer = step_timer(split_file(cfg, "train"), tok.vocab_size, device, dtype, procs)
     # every process reads rank 0's clock, as it takes rank 0's times: all make the same choices
     cfg, line, set_aside = sized_for_budget(cfg, timer, clock=lambda: from_rank0(time.perf_counter(), procs, device),
@@ -434,8 +435,7 @@ def train(cfg):
     data_rng = np.random.default_rng(cfg.seed)  # the same in every process: see TrainBatches
     asked = cfg  # the settings given, before a checkpoint's model replaces its shape
     cfg, raw_model, checkpoint = init_model(cfg, tok, device)
-    check_blocks(cfg, "it is the checkpoint's context: evaluate it on a longer text" if cfg.eval_only else
-                 "use a smaller --block_size or a longer text")
+    check_blocks(cfg)  # the context from the rule or the checkpoint, now known
     if cfg.init_from not in ("scratch", "resume") and not cfg.eval_only and procs.master:  # fine-tuning
         note_the_checkpoint_shape(asked, cfg)
     raw_model = speed_up_training(raw_model.to(device), device, dtype)
