@@ -121,12 +121,17 @@ def load_dataset(cfg, procs=Processes(), device="cpu", block_size=None):
     return tok
 
 
+def split_sizes(cfg):
+    """{split: (its tokens, its characters)}: the characters as meta.pkl counts them (a BPE token holds
+    several), else one a token (nanoGPT's meta.pkl counts none)."""
+    chars = read_meta(os.path.join(dataset_dir(cfg), "meta.pkl")).get("chars", {})
+    return {split: (len(tokens), chars.get(split, len(tokens))) for split, tokens in existing_splits(cfg).items()}
+
+
 def bits_per_char_scales(cfg):
     """For each split, what turns a loss per token (nats) into bits per character of its text, so
     that character and BPE models compare on one scale (tokenizer.bits_per_char)."""
-    chars = read_meta(os.path.join(dataset_dir(cfg), "meta.pkl")).get("chars", {})
-    return {split: bits_per_char(1.0, len(tokens), chars.get(split, len(tokens)))  # nanoGPT's: a token a character
-            for split, tokens in existing_splits(cfg).items()}
+    return {split: bits_per_char(1.0, n_tokens, n_chars) for split, (n_tokens, n_chars) in split_sizes(cfg).items()}
 
 
 class TrainBatches:

@@ -28,6 +28,7 @@ win). The measurement takes seconds, and they come out of the budget.
 import csv
 import itertools
 import math
+from collections import namedtuple
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -52,6 +53,10 @@ CHOSEN = ("n_layer", "n_embd", "n_head", "learning_rate", "dropout", "block_size
 # this kind learns, what a bigger model learns more of, what more tokens teach. The last is
 # memorising: a 1 MB text seen many times, and the more parameters the sooner, is learnt by heart and
 # the val loss turns up (docs/experiments.md, "The budget-to-shape rule", has the runs and the fit).
+# Learning by heart follows the passes over the train split (D over its tokens), and the more so the
+# less text there is for the parameters to hold (its characters, T): on another text than the fit's the
+# last term is C * N * D times FIT_TEXT.tokens_m / text.tokens_m and (FIT_TEXT.chars_m / T)^(TEXT_EXPONENT - 1)
+# (docs/experiments.md, "The length of the text"). A BPE of Tiny Shakespeare has its characters, fewer tokens.
 # A model with DROPOUT has its own A, B and C: it learns less (A_DROPOUT > A, the more so the smaller the
 # model) and less from each token (B_DROPOUT > B), but memorises far later (C_DROPOUT < C).
 # A longer context (256) lowers the floor, E - CONTEXT_GAIN: each character is predicted from more of
@@ -60,6 +65,9 @@ CHOSEN = ("n_layer", "n_embd", "n_head", "learning_rate", "dropout", "block_size
 E, A, ALPHA, B, BETA, C = 1.128308, 0.182672, 0.29, 0.32783, 0.72, 0.00557
 A_DROPOUT, B_DROPOUT, C_DROPOUT = 0.226374, 0.47857, 0.000593
 CONTEXT_GAIN, B_CONTEXT = 0.015918, 0.020991
+Text = namedtuple("Text", "tokens_m chars_m")  # a train split's length: millions of tokens, of characters
+FIT_TEXT = Text(1.003854, 1.003854)  # the fit's train split: Tiny Shakespeare's first 90%, in characters
+TEXT_EXPONENT = 2.5  # a quarter of the text is learnt by heart 4^2.5 times as fast (above)
 MEASURE_SHARE = 0.05  # the most of the budget the measurement takes (but one candidate is always measured)
 TIMED_STEPS = 2  # the steps of a candidate the measurement times, after one that warms up (train.step_timer)
 
@@ -89,44 +97,46 @@ def longer_context(block_size):
     return min(CONTEXTS, key=lambda context: abs(math.log(block_size / context))) != CONTEXTS[0]
 
 
-def fitted_terms(dropout, block_size=CONTEXTS[0]):
-    """(E, A, B, C) of the fit for a model with this dropout and context: any dropout is taken as
-    DROPOUT, the nearest the fit knows (with_stop does not trust it to stop a run at another)."""
+def fitted_terms(dropout, block_size=CONTEXTS[0], text=FIT_TEXT):
+    """(E, A, B, C) of the fit for a model with this dropout and context, on the train split text (a
+    Text): any dropout is taken as DROPOUT, the nearest the fit knows (with_stop does not trust it to
+    stop a run at another)."""
     e, a, b, c = (E, A, B, C) if dropout == 0 else (E, A_DROPOUT, B_DROPOUT, C_DROPOUT)
+    c = c * FIT_TEXT.tokens_m / text.tokens_m * (FIT_TEXT.chars_m / text.chars_m) ** (TEXT_EXPONENT - 1)
     return (e - CONTEXT_GAIN, a, b + B_CONTEXT, c) if longer_context(block_size) else (e, a, b, c)
 
 
-def predicted_loss(params_m, tokens_m, dropout=0.0, block_size=CONTEXTS[0]):
+def predicted_loss(params_m, tokens_m, dropout=0.0, block_size=CONTEXTS[0], text=FIT_TEXT):
     """The val loss the fit predicts for a run of a model of params_m million parameters given the time
     for tokens_m million tokens. Past its best_tokens_m the loss would rise, and the rule ends such a
     run there (sized_for_budget): no model is predicted worse for a longer budget."""
-    e, a, b, c = fitted_terms(dropout, block_size)
-    tokens_m = min(tokens_m, best_tokens_m(params_m, dropout, block_size))
+    e, a, b, c = fitted_terms(dropout, block_size, text)
+    tokens_m = min(tokens_m, best_tokens_m(params_m, dropout, block_size, text))
     return e + a / params_m ** ALPHA + b / tokens_m ** BETA + c * params_m * tokens_m
 
 
-def best_tokens_m(params_m, dropout=0.0, block_size=CONTEXTS[0]):
+def best_tokens_m(params_m, dropout=0.0, block_size=CONTEXTS[0], text=FIT_TEXT):
     """Where more tokens stop paying for a model of params_m million parameters: where the fit's
     learning from tokens (B / D^BETA, falling) and its memorising (C * N * D, rising) balance."""
-    _, _, b, c = fitted_terms(dropout, block_size)
+    _, _, b, c = fitted_terms(dropout, block_size, text)
     return (BETA * b / (c * params_m)) ** (1 / (BETA + 1))
 
 
-def best_iters(cfg, params_m=None):
+def best_iters(cfg, params_m=None, text=FIT_TEXT):
     """The iterations where the model cfg describes (of params_m million parameters) reaches its
-    best_tokens_m."""
+    best_tokens_m on the train split text."""
     params_m = model_params_m(cfg) if params_m is None else params_m
-    return int(best_tokens_m(params_m, cfg.dropout, cfg.block_size) * 1e6 / tokens_per_iter(cfg))
+    return int(best_tokens_m(params_m, cfg.dropout, cfg.block_size, text) * 1e6 / tokens_per_iter(cfg))
 
 
-def with_stop(cfg, params_m=None):
+def with_stop(cfg, params_m=None, text=FIT_TEXT):
     """cfg ending at its model's best_iters at most: a sized run ends there or where its budget does,
     whichever comes first, its schedule complete either way (train.py's lr_now). An iteration count, not
     seconds, so that the stop does not move with the noise of a few measured steps. With a dropout the
     fit's runs did not have (neither 0 nor DROPOUT), the budget alone ends the run."""
     if cfg.dropout not in (0.0, DROPOUT):
         return cfg
-    return replace(cfg, max_iters=min(cfg.max_iters, best_iters(cfg, params_m)))
+    return replace(cfg, max_iters=min(cfg.max_iters, best_iters(cfg, params_m, text)))
 
 
 def tokens_per_iter(cfg):
@@ -201,10 +211,11 @@ def no_faster(candidate, other):
             and candidate.dropout >= other.dropout and candidate.block_size >= other.block_size)
 
 
-def choose(cfg, seconds_per_iter, budget_seconds, time_left=lambda: math.inf, longest_context=math.inf):
-    """The candidate predicted to reach the lowest val loss in budget_seconds, given
-    seconds_per_iter(candidate cfg, the seconds its steps may take), the measurement, while time_left()
-    of its share. Returns (the best Choice, every Choice measured)."""
+def choose(cfg, seconds_per_iter, budget_seconds, time_left=lambda: math.inf, longest_context=math.inf,
+           text=FIT_TEXT):
+    """The candidate predicted to reach the lowest val loss in budget_seconds on a train split of
+    text (a Text), given seconds_per_iter(candidate cfg, the seconds its steps may take),
+    the measurement, while time_left() of its share. Returns (the best Choice, every Choice measured)."""
     measured, too_slow = [], []
     for candidate in candidates(cfg, longest_context):
         params_m, tokens_m_per_iter = model_params_m(candidate), tokens_per_iter(candidate) / 1e6
@@ -224,15 +235,15 @@ def choose(cfg, seconds_per_iter, budget_seconds, time_left=lambda: math.inf, lo
                 continue
             most_tokens_m = int(budget_seconds / slowest) * tokens_m_per_iter if slowest else math.inf
             if not most_tokens_m or predicted_loss(params_m, most_tokens_m, candidate.dropout,
-                                                   candidate.block_size) >= best.loss:
+                                                   candidate.block_size, text) >= best.loss:
                 continue
         seconds = seconds_per_iter(candidate, left)
         if seconds == math.inf:  # its steps alone would overrun the share: too slow to win, as is any larger
             too_slow.append(candidate)
             continue
         iters = int(budget_seconds / seconds)
-        loss = predicted_loss(params_m, iters * tokens_m_per_iter, candidate.dropout, candidate.block_size) \
-            if iters else math.inf
+        loss = predicted_loss(params_m, iters * tokens_m_per_iter, candidate.dropout, candidate.block_size,
+                              text) if iters else math.inf
         measured.append(Choice(candidate, seconds, iters, params_m, loss))
     best = min(measured, key=lambda c: c.loss)
     if best.iters == 0:
@@ -241,23 +252,25 @@ def choose(cfg, seconds_per_iter, budget_seconds, time_left=lambda: math.inf, lo
     return best, measured
 
 
-def sized_for_budget(cfg, seconds_per_iter, clock=time.perf_counter, longest_context=math.inf):
+def sized_for_budget(cfg, seconds_per_iter, clock=time.perf_counter, longest_context=math.inf,
+                     text=FIT_TEXT):
     """(cfg with the rule's shape for its max_seconds and its stop (with_stop), the line that says what
     was chosen and why, the seconds the measurement took, which come out of the budget), of candidates
-    with contexts up to longest_context. Where the given settings leave one candidate, there is nothing
-    to choose or measure: (it, the line if it has a stop, else None; 0.0)."""
+    with contexts up to longest_context, for the train split text. Where the
+    given settings leave one candidate, there is nothing to choose or measure: (it, the line if it has
+    a stop, else None; 0.0)."""
     only = candidates(cfg, longest_context)
     if len(only) == 1:
-        chosen = with_stop(only[0])
+        chosen = with_stop(only[0], text=text)
         return chosen, (f"sized for {cfg.max_seconds:g} s: {shape_name(chosen)} as given; it stops at "
                         f"{chosen.max_iters:,} iterations if the budget lasts that long: more would only learn the "
                         f"text by heart" if chosen.max_iters < cfg.max_iters else None), 0.0
     t0 = clock()
     best, measured = choose(cfg, seconds_per_iter, cfg.max_seconds,
                             time_left=lambda: MEASURE_SHARE * cfg.max_seconds - (clock() - t0),
-                            longest_context=longest_context)
+                            longest_context=longest_context, text=text)
     spent = clock() - t0
-    chosen = with_stop(best.cfg, best.params_m)
+    chosen = with_stop(best.cfg, best.params_m, text)
     iters_left = min(int(max(cfg.max_seconds - spent, 0.0) / best.seconds_per_iter), cfg.max_iters)
     if iters_left == 0:
         raise ConfigError(f"max_seconds={cfg.max_seconds:g} is used up by measuring the model's speed ({spent:.1f} s; "
@@ -267,7 +280,10 @@ def sized_for_budget(cfg, seconds_per_iter, clock=time.perf_counter, longest_con
             + (f"{chosen.max_iters:,} iterations (about {chosen.max_iters * best.seconds_per_iter:.0f} s): more "
                f"would only learn the text by heart" if chosen.max_iters < iters_left
                else f"about {iters_left:,} iterations")
-            + f", predicted val loss {best.loss:.2f}; measured ms/iter: "
+            + (f", predicted val loss {best.loss:.2f}" if text == FIT_TEXT
+               else f" (the fit is to Tiny Shakespeare in characters, its learning by heart scaled to this text's "
+                    f"{text.tokens_m * 1e6:,.0f} train tokens: no val loss predicted)")
+            + "; measured ms/iter: "
             + ", ".join(f"{c.shape()} {c.seconds_per_iter * 1e3:.0f}" for c in measured)
             + f", in {spent:.1f} s of the budget")
     return chosen, line, spent
@@ -285,11 +301,12 @@ def as_checkpoint_model(cfg, model_args, longest_context=math.inf):
                                                    cfg.optimizer, given, cfg.gradient_accumulation_steps))
 
 
-def as_chosen_before(cfg, saved):
+def as_chosen_before(cfg, saved, text=FIT_TEXT):
     """cfg with the choice a run recorded (its checkpoint's config), for --init_from=resume: the rule's
     settings the user did not give are taken from it, so that the run goes on with the same model, to
-    the same stop."""
-    return with_stop(replace(cfg, **{k: saved[k] for k in CHOSEN if k in saved and k not in cfg.given_settings}))
+    the same stop (on the same text)."""
+    chosen = replace(cfg, **{k: saved[k] for k in CHOSEN if k in saved and k not in cfg.given_settings})
+    return with_stop(chosen, text=text)
 
 
 def shapes_for_budgets(cfg, seconds_per_iter, budgets):

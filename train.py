@@ -30,7 +30,8 @@ from checkpoint import (CHECKPOINT_SHAPE, CKPT_NAME, RESUME_NAME, Progress, capt
                         restore_training_state, save_checkpoint, training_checkpoint)
 from configurator import (ConfigError, UserError, as_config_error, check, check_choice, check_seed, configure,
                           run_main)
-from dataset import TrainBatches, bits_per_char_scales, check_blocks, load_dataset, longest_block, split_file
+from dataset import (TrainBatches, bits_per_char_scales, check_blocks, load_dataset, longest_block, split_file,
+                     split_sizes)
 from device import (DeviceSettings, autocast_context, busy_cpu_line, check_replicas_agree, describe_dtype,
                     end_processes, Processes, from_rank0, gather_from_all, grad_scaler, matmul_peak_flops,
                     newton_schulz_dtype, on_rank0, out_of_memory_in_one_line, reuse_freed_memory, select_dtype,
@@ -41,7 +42,7 @@ from metrics import TrainingLog, plot_metrics, start_wandb
 from model import GPTConfig, build_model
 from out_dir import out_dir_claimed, refuse_a_file_as_out_dir, refuse_to_replace_a_trained_run
 from prepare_shakespeare import DEFAULT_DATASET, check_dataset_name
-from sizing import (TIMED_STEPS, as_checkpoint_model, as_chosen_before, candidate_settings, chooses_context,
+from sizing import (TIMED_STEPS, Text, as_checkpoint_model, as_chosen_before, candidate_settings, chooses_context,
                     sized_for_budget, tokens_per_iter)
 from speedups import speed_up_training
 
@@ -209,18 +210,19 @@ def fit_to_budget(cfg, tok, device, dtype, procs):
     if not cfg.size_to_budget:
         return cfg, 0.0
     cfg = replace(cfg, vocab_size=tok.vocab_size)  # the parameters the fit counts include the embedding
+    text = Text(*(n / 1e6 for n in split_sizes(cfg)["train"]))  # the longer, the later it is learnt by heart
     if cfg.init_from != "scratch" or cfg.eval_only:
         path, hint = checkpoint_to_load(cfg)
         checkpoint = load_checkpoint(path, "cpu", hint=hint)
         if cfg.init_from == "resume" and not cfg.eval_only:
-            return as_chosen_before(cfg, checkpoint.get("config", {})), 0.0
+            return as_chosen_before(cfg, checkpoint.get("config", {}), text), 0.0
         # eval_only evaluates at the checkpoint's context; fine-tuning crops it to what the text holds
         longest = math.inf if cfg.eval_only else longest_block(cfg)
         return as_checkpoint_model(cfg, checkpoint["model_args"], longest), 0.0
     timer = step_timer(split_file(cfg, "train"), tok.vocab_size, device, dtype, procs)
     # every process reads rank 0's clock, as it takes rank 0's times: all make the same choices
     cfg, line, set_aside = sized_for_budget(cfg, timer, clock=lambda: from_rank0(time.perf_counter(), procs, device),
-                                            longest_context=longest_block(cfg))
+                                            longest_context=longest_block(cfg), text=text)
     if line and procs.master:
         print(line)
     return cfg, set_aside

@@ -9,7 +9,8 @@ import torch
 
 import device
 from configurator import UserError
-from dataset import TokenFile, TrainBatches, check_blocks, existing_splits, load_dataset, longest_block, split_file
+from dataset import (TokenFile, TrainBatches, check_blocks, existing_splits, load_dataset, longest_block, split_file,
+                     split_sizes)
 from helpers import TINY_TEXT
 from prepare_shakespeare import prepare
 from tokenizer import CharTokenizer
@@ -120,3 +121,16 @@ def test_nanogpts_meta_without_a_dtype_reads_uint16(tiny_cfg, tiny_data):
     with open(meta_path, "wb") as f:
         pickle.dump({k: meta[k] for k in ("vocab_size", "itos", "stoi")}, f)  # nanoGPT's keys alone
     assert train(tiny_cfg)["val"] < 3.0
+
+
+def test_split_sizes_count_characters_a_bpe_token_holds_several_of(tmp_path):
+    """The sizing rule reads a train split's length in tokens (its passes) and in characters (how much
+    text there is to learn by heart): the same text in BPE has fewer tokens, the same characters."""
+    sizes = {}
+    for name, tokenizer in (("tiny", "char"), ("tiny_bpe", "bpe")):
+        prepare(TINY_TEXT, str(tmp_path / name), tokenizer=tokenizer, vocab_size=300)
+        sizes[name] = split_sizes(TrainConfig(data_dir=str(tmp_path), dataset=name))
+        for split, (n_tokens, _) in sizes[name].items():
+            assert n_tokens == len(split_file(TrainConfig(data_dir=str(tmp_path), dataset=name), split))
+    assert sizes["tiny"]["train"][0] == sizes["tiny"]["train"][1] == sizes["tiny_bpe"]["train"][1]
+    assert sizes["tiny_bpe"]["train"][0] < sizes["tiny_bpe"]["train"][1]

@@ -69,6 +69,38 @@ def test_dropout_is_predicted_to_pay_only_where_a_model_would_memorise():
         assert (best_with < best_without) == (params_m > 0.5)
 
 
+def test_a_longer_text_is_learnt_by_heart_later_and_the_fit_text_keeps_the_fit():
+    """The memorising term follows the passes over the train split, and grows faster than them as the text
+    shortens: on the fit's own text the fit is as fitted; on a longer text each model's best comes later
+    and dropout pays less; a BPE of the same text, fewer tokens over the same characters, only the passes."""
+    fit = sizing.FIT_TEXT
+    texts = [sizing.Text(m, m) for m in (fit.chars_m / 4, fit.chars_m, fit.chars_m * 4, 90.0)]  # .. enwik8
+    for params_m, dropout, block_size in ((0.8, 0.0, 128), (2.7, DROPOUT, 256)):
+        e, a, b, c = sizing.fitted_terms(dropout, block_size, fit)
+        assert c == (sizing.C if dropout == 0 else sizing.C_DROPOUT)
+        bests = [best_tokens_m(params_m, dropout, block_size, t) for t in texts]
+        assert bests == sorted(bests) and bests[1] == best_tokens_m(params_m, dropout, block_size)
+        # a quarter of the text is learnt by heart 4^TEXT_EXPONENT times as fast; the BPE: as fast a pass
+        memorising = lambda d, t: predicted_loss(params_m, d, dropout, block_size, t) - e - a / params_m ** sizing.ALPHA \
+            - b / d ** sizing.BETA
+        assert memorising(0.1, texts[0]) == pytest.approx(4 ** sizing.TEXT_EXPONENT * memorising(0.1, fit), rel=1e-3)
+        bpe = sizing.Text(fit.tokens_m / 2.5, fit.chars_m)
+        assert memorising(0.1, bpe) == pytest.approx(2.5 * memorising(0.1, fit), rel=1e-3)
+        losses = [predicted_loss(params_m, 20.0, dropout, block_size, t) for t in texts]
+        assert losses == sorted(losses, reverse=True)
+    # an hour on a fast machine: Tiny Shakespeare's run takes dropout and stops at its best; enwik8's does neither
+    long_budget, enwik8 = recipe("--max_seconds=3600"), texts[-1]
+    on_fit_text, _, _ = sized_for_budget(long_budget, machine(3e11), clock=lambda: 0.0)
+    on_enwik8, line, _ = sized_for_budget(long_budget, machine(3e11), clock=lambda: 0.0, text=enwik8)
+    assert on_fit_text.dropout == DROPOUT and on_enwik8.dropout == 0.0
+    assert on_fit_text.max_iters < 3600 / machine(3e11)(on_fit_text)
+    assert on_enwik8.max_iters > 3600 / machine(3e11)(on_enwik8)
+    assert model_params_m(on_enwik8) >= model_params_m(on_fit_text)
+    assert "predicted val loss" not in line and \
+        "(the fit is to Tiny Shakespeare in characters, its learning by heart scaled to this text's 90,000,000 train " \
+        "tokens: no val loss predicted)" in line
+
+
 def test_the_fit_is_the_one_of_the_logged_runs():
     """The constants in sizing.py are what `python sizing.py docs/sizing_runs.csv` fits."""
     *constants, rms = fit_loss(read_runs(os.path.join(REPO, "docs", "sizing_runs.csv")))
@@ -271,6 +303,7 @@ def two_small_shapes(monkeypatch):
     monkeypatch.setattr(sizing, "SHAPES", ((1, 32), (2, 64)))
     monkeypatch.setattr(sizing, "CONTEXTS", (128,))
     monkeypatch.setattr(sizing, "MEASURE_SHARE", 1.0)
+    monkeypatch.setattr(sizing, "TEXT_EXPONENT", 1.0)  # the passes alone: at 2.5 the tiny text is learnt at once
 
 
 def sized_run(tiny_data, out_dir, *overrides):
@@ -287,6 +320,8 @@ def test_train_sizes_the_model_records_the_choice_and_resumes_it(tiny_data, tmp_
     # the rule reads the clock, both candidates take 3 steps of 2 readings with one more between them (is
     # the time up?), and the rule reads it again: 14 ticks
     assert "sized for 0.5 s: 2 x 64 (" in out and "measured ms/iter: 1 x 32 16, 2 x 64 16, in 0.2 s" in out
+    # sized for this text's length, not the fit's (Tiny Shakespeare's): no loss is predicted for it
+    assert f"scaled to this text's {len(split_file(cfg, 'train')):,} train tokens: no val loss predicted" in out
     assert "other programs are busy" not in out  # the fake machine is idle
     with open(tmp_path / "out" / "config.json") as f:
         saved = json.load(f)
@@ -383,7 +418,7 @@ def test_a_chosen_dropout_is_recorded_resumed_and_kept_by_fine_tuning(tiny_data,
     """Where the fit favours dropout (made to here, at every budget), the run trains with it, records it,
     and a resumed run, or one fine-tuned from its weights, keeps it without measuring again."""
     monkeypatch.setattr(sizing, "fitted_terms",
-                        lambda dropout, block_size=128: (sizing.E, sizing.A, sizing.B / (1 + bool(dropout)), sizing.C))
+                        lambda dropout, *context_and_text: (sizing.E, sizing.A, sizing.B / (1 + bool(dropout)), sizing.C))
     use_fake_clock(monkeypatch, tick=1 / 64)
     cfg = recipe(f"--data_dir={tiny_data}", "--dataset=tiny", "--eval_iters=1", "--eval_interval=10",
                  f"--out_dir={tmp_path / 'out'}", "--max_seconds=1", "--always_save_checkpoint=True")
@@ -418,7 +453,7 @@ def test_a_sized_run_ends_at_its_best_iterations_its_schedule_complete_and_resum
     """Where the budget affords more steps than the model's best (the fit's, made 12 here), the run
     ends on that iteration count with its learning rate at the end of its cosine, and an interrupted run
     resumed with a larger budget ends there too."""
-    monkeypatch.setattr(sizing, "best_tokens_m", lambda params_m, dropout=0.0, block_size=128: 12.5 * 2048 / 1e6)
+    monkeypatch.setattr(sizing, "best_tokens_m", lambda params_m, *terms: 12.5 * 2048 / 1e6)
     use_fake_clock(monkeypatch, tick=1 / 64)
     cfg = sized_run(tiny_data, tmp_path / "out", "--max_seconds=1", "--log_interval=1")
     train(cfg)
