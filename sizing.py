@@ -28,9 +28,9 @@ win). The measurement takes seconds, and they come out of the budget.
 import csv
 import itertools
 import math
-from collections import namedtuple
 import sys
 import time
+from collections import namedtuple
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -213,9 +213,9 @@ def no_faster(candidate, other):
 
 def choose(cfg, seconds_per_iter, budget_seconds, time_left=lambda: math.inf, longest_context=math.inf,
            text=FIT_TEXT):
-    """The candidate predicted to reach the lowest val loss in budget_seconds on a train split of
-    text (a Text), given seconds_per_iter(candidate cfg, the seconds its steps may take),
-    the measurement, while time_left() of its share. Returns (the best Choice, every Choice measured)."""
+    """The candidate predicted to reach the lowest val loss in budget_seconds on the train split text (a
+    Text), given seconds_per_iter(candidate cfg, the seconds its steps may take), the measurement, while
+    time_left() of its share. Returns (the best Choice, every Choice measured)."""
     measured, too_slow = [], []
     for candidate in candidates(cfg, longest_context):
         params_m, tokens_m_per_iter = model_params_m(candidate), tokens_per_iter(candidate) / 1e6
@@ -256,9 +256,8 @@ def sized_for_budget(cfg, seconds_per_iter, clock=time.perf_counter, longest_con
                      text=FIT_TEXT):
     """(cfg with the rule's shape for its max_seconds and its stop (with_stop), the line that says what
     was chosen and why, the seconds the measurement took, which come out of the budget), of candidates
-    with contexts up to longest_context, for the train split text. Where the
-    given settings leave one candidate, there is nothing to choose or measure: (it, the line if it has
-    a stop, else None; 0.0)."""
+    with contexts up to longest_context, for the train split text. Where the given settings leave one
+    candidate, there is nothing to choose or measure: (it, the line if it has a stop, else None; 0.0)."""
     only = candidates(cfg, longest_context)
     if len(only) == 1:
         chosen = with_stop(only[0], text=text)
